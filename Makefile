@@ -1,0 +1,46 @@
+# Two commands matter: `make demo` (see the whole pipeline work) and `make test`.
+# Both create .venv on first use and install the pinned dependencies into it.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup browser test test-fast lint demo bench clean help
+
+help:
+	@echo "make demo    train a small 3G-Net on built-in data, export, serve with Triton, open the demo"
+	@echo "make test    install everything and run the whole test suite (what CI runs)"
+	@echo "make bench   CPU benchmarks; tables land in bench/results/"
+	@echo "make lint    ruff"
+
+# The virtual environment, rebuilt when the pins change.
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[test]'
+	@touch $@
+
+setup: $(STAMP)
+
+# Debian's Chromium for the browser tests (Playwright cannot download browsers here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the browser tests"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup browser lint
+	$(PY) -m pytest
+
+# Everything but the tests marked slow: a quick check while developing.
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf runs artifacts bench/results tests/artifacts .pytest_cache

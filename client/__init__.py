@@ -1,0 +1,1 @@
+"""Light clients (no torch): the predict CLI and the Gradio demo."""

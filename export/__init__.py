@@ -1,0 +1,1 @@
+"""Checkpoint to verified ONNX model and a ready Triton model repository."""

@@ -1,0 +1,1 @@
+"""Running Triton Inference Server on an exported model repository."""

@@ -1,0 +1,1 @@
+"""Training 3G-Net: the model, its layers, checkpoints, data and the training script."""
