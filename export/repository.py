@@ -1,0 +1,118 @@
+"""Writing a Triton model repository: versions, atomic moves, nothing half-written.
+
+Layout written for a model NAME (DESIGN §3):
+
+    DIR/NAME/config.pbtxt            onnxruntime backend, raw uint8 tensors
+    DIR/NAME/labels.txt
+    DIR/NAME/<version>/model.onnx
+    DIR/NAME_preprocess/...          python backend: image bytes -> tensor
+    DIR/NAME_image/...               ensemble: image bytes -> NAME_preprocess -> NAME
+
+Files are staged elsewhere and moved in with ``os.replace``; a version directory
+appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from export.triton_config import LABELS_FILE, ModelSpec, ensemble_config, preprocess_model_config, to_pbtxt
+from export.triton_config import onnx_model_config as onnx_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PREPROCESS_MODEL = ROOT / "serve" / "triton_models" / "image_preprocess.py"
+PREPROCESSING_MODULE = ROOT / "training" / "preprocessing.py"
+
+
+class RepositoryError(RuntimeError):
+    """The repository cannot be written as asked."""
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def choose_version(model_dir: Path, version: int | None, force: bool) -> int:
+    """The version to write: the next free one, or ``version``; never an existing
+    one unless ``force``."""
+    existing = versions(model_dir)
+    if version is None:
+        if force and existing:
+            return existing[-1]
+        return (existing[-1] + 1) if existing else 1
+    if version < 1:
+        raise RepositoryError(f"version must be >= 1, got {version}")
+    if version in existing and not force:
+        raise RepositoryError(f"{model_dir / str(version)} exists; pass --force to replace it")
+    return version
+
+
+def check_writable(directory: Path) -> None:
+    """Fail early, before a long export, when ``directory`` cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise RepositoryError(f"cannot write to {directory}: {e.strerror or e}") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _install_dir(staged: Path, target: Path) -> None:
+    """Move a complete directory into place, replacing ``target`` if it exists."""
+    incoming = target.with_name(f".incoming-{target.name}")
+    shutil.rmtree(incoming, ignore_errors=True)
+    shutil.copytree(staged, incoming)
+    if target.exists():
+        old = target.with_name(f".old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(incoming, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(incoming, target)
+
+
+def write_repository(
+    output_dir: Path,
+    spec: ModelSpec,
+    onnx_file: Path,
+    labels: list[str],
+    preprocessing: dict,
+    version: int,
+) -> dict[str, Path]:
+    """Install an exported model, its labels, the preprocessing model and the ensemble."""
+    model_dir = output_dir / spec.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    labels_text = "".join(f"{label}\n" for label in labels)
+    with tempfile.TemporaryDirectory(prefix="threegnet-repo-") as tmp:
+        staged = Path(tmp)
+        (staged / "version").mkdir()
+        shutil.copy2(onnx_file, staged / "version" / "model.onnx")
+        _install_dir(staged / "version", model_dir / str(version))
+        _write_text(model_dir / LABELS_FILE, labels_text)
+        _write_text(model_dir / "config.pbtxt", to_pbtxt(onnx_config(spec)))
+
+        pre_dir = output_dir / spec.preprocess_name
+        pre_dir.mkdir(exist_ok=True)
+        (staged / "pre").mkdir()
+        shutil.copy2(PREPROCESS_MODEL, staged / "pre" / "model.py")
+        shutil.copy2(PREPROCESSING_MODULE, staged / "pre" / "threegnet_preprocessing.py")
+        _install_dir(staged / "pre", pre_dir / "1")
+        _write_text(pre_dir / "config.pbtxt", to_pbtxt(preprocess_model_config(spec, preprocessing)))
+
+        ens_dir = output_dir / spec.image_name
+        (ens_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version dir, even empty
+        _write_text(ens_dir / LABELS_FILE, labels_text)
+        _write_text(ens_dir / "config.pbtxt", to_pbtxt(ensemble_config(spec)))
+    return {"model": model_dir, "preprocess": pre_dir, "ensemble": ens_dir}

@@ -1,0 +1,256 @@
+"""Export a 3G-Net checkpoint to a verified ONNX model inside a ready Triton model repository.
+
+    python export/to_onnx.py --checkpoint runs/demo/model_best.pth.tar --output-dir model_repository
+    python export/to_onnx.py --checkpoint ResNet50-3G-ImageNet.pth.tar --output-dir model_repository
+
+Accepts this project's checkpoints and the authors' released ``.pth.tar`` files
+(arch and class count inferred). Writes ``DIR/NAME/config.pbtxt``,
+``DIR/NAME/<version>/model.onnx`` and ``DIR/NAME/labels.txt``, plus the
+``NAME_preprocess`` model and the ``NAME_image`` ensemble that take encoded image
+bytes. Every export is verified against PyTorch with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from export.labels import LabelsError, resolve_labels
+from export.onnx_graph import (
+    INPUT,
+    TRACE_BATCH,
+    GraphError,
+    check_graph,
+    export_onnx,
+    output_names,
+    set_metadata,
+)
+from export.precision import PRECISIONS, half_precision, quantize_int8
+from export.repository import RepositoryError, check_writable, choose_version, write_repository
+from export.serving_model import ServingModel
+from export.triton_config import MAX_BATCH_SIZE, ModelSpec
+from export.verify import VerificationError, VerificationReport, check, compare
+from training.checkpoint import CheckpointError, load_model, sha256sum
+from training.model import ARCHS
+from training.preprocessing import ImageError, Preprocessing, load_and_preprocess
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Tolerances per precision: (max |Δ probability| vs PyTorch fp32, min top-1 agreement).
+TOLERANCES = {"fp32": (1e-3, 1.0), "fp16": (0.05, 0.9), "int8": (1.0, 0.9)}
+
+
+class ExportInputError(ValueError):
+    """Bad command-line input (missing image folder...)."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--checkpoint", required=True, type=Path, help="this project's checkpoint or a released .pth.tar"
+    )
+    p.add_argument("--output-dir", required=True, type=Path, help="the Triton model repository to write into")
+    p.add_argument("--name", default="threegnet", help="model name in the repository (default: threegnet)")
+    p.add_argument("--arch", choices=sorted(ARCHS), help="override the arch inferred from the checkpoint")
+    p.add_argument(
+        "--labels", type=Path, help="class names, one per line (Places365 'path index' lines work)"
+    )
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="fp16: for GPUs; int8: for CPU serving"
+    )
+    p.add_argument(
+        "--calibration-images", type=Path, help="folder of images to calibrate INT8 on (required for int8)"
+    )
+    p.add_argument(
+        "--verify-images", type=Path, help="folder of images to verify on (default: calibration or noise)"
+    )
+    p.add_argument(
+        "--max-images", type=int, default=64, help="images read from each folder at most (default: 64)"
+    )
+    p.add_argument(
+        "--tensorrt-fp16", action="store_true", help="add the TensorRT FP16 accelerator (GPU deployments)"
+    )
+    p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help=f"default: {MAX_BATCH_SIZE}")
+    p.add_argument("--version", type=int, help="version number to write (default: the next free one)")
+    p.add_argument("--force", action="store_true", help="replace an existing version (default: the latest)")
+    return p.parse_args(argv)
+
+
+def read_images(folder: Path, pp: Preprocessing, limit: int) -> np.ndarray:
+    """Up to ``limit`` images under ``folder`` (recursive, sorted), preprocessed to uint8 NHWC."""
+    if not folder.is_dir():
+        raise ExportInputError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    # Spread the picks over the folder (class folders are sorted) rather than taking the first class.
+    step = max(1, len(files) // limit)
+    images = []
+    for path in files[::step][:limit]:
+        try:
+            images.append(load_and_preprocess(path, pp))
+        except ImageError as e:
+            log(f"skipping {path}: {e}")
+    if not images:
+        raise ExportInputError(f"{folder}: no readable images")
+    return np.stack(images)
+
+
+def noise_images(pp: Preprocessing, count: int = 2 * TRACE_BATCH) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (count, pp.crop, pp.crop, 3), dtype=np.uint8)
+
+
+def batch_sizes(n: int) -> tuple[int, ...]:
+    """1, one more than the traced batch, then the rest of the images in eights."""
+    sizes = [1, TRACE_BATCH + 1]
+    remaining = n - sum(sizes)
+    while remaining > 0:
+        sizes.append(min(8, remaining))
+        remaining -= sizes[-1]
+    return tuple(sizes)
+
+
+def verify(what: str, onnx_path: Path, reference, images: np.ndarray, precision: str) -> VerificationReport:
+    report = compare(onnx_path, reference, images, batch_sizes(len(images)))
+    log(f"  {what}: {report.summary()}")
+    check(report, *TOLERANCES[precision], what=what)
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    output_dir = args.output_dir
+    check_writable(output_dir)
+    version = choose_version(output_dir / args.name, args.version, args.force)
+    if args.precision == "int8" and args.calibration_images is None:
+        raise ExportInputError("--precision int8 needs --calibration-images DIR (a few dozen typical images)")
+
+    log(f"[1/4] loading {args.checkpoint}")
+    loaded = load_model(args.checkpoint, arch=args.arch)
+    labels, label_source = resolve_labels(loaded.num_classes, loaded.class_names, args.labels)
+    kind = "released checkpoint" if loaded.released else "checkpoint"
+    log(f"  {loaded.arch}, {loaded.num_classes} classes ({kind}); labels from {label_source}")
+    pp = loaded.preprocessing
+    serving = ServingModel(loaded.model, pp).eval()
+
+    calibration = (
+        read_images(args.calibration_images, pp, args.max_images) if args.calibration_images else None
+    )
+    if args.verify_images:
+        images = read_images(args.verify_images, pp, args.max_images)
+    else:
+        images = calibration if calibration is not None else noise_images(pp)
+
+    with tempfile.TemporaryDirectory(prefix="threegnet-export-") as tmp:
+        work = Path(tmp)
+        log(f"[2/4] tracing to ONNX ({loaded.arch}, {pp.crop}x{pp.crop} uint8 NHWC input, dynamic batch)")
+        fp32_path = work / "fp32.onnx"
+        ops = check_graph(export_onnx(serving, fp32_path, pp.crop))
+        log(
+            f"  {sum(ops.values())} nodes, {ops.get('MatMul', 0)} MatMul, no Loop/NonZero/Trilu; checker passed"
+        )
+
+        log(f"[3/4] verifying with onnxruntime ({len(images)} images)")
+        report = verify("fp32 ONNX vs PyTorch", fp32_path, serving, images, "fp32")
+        final, reports = fp32_path, {"fp32_vs_pytorch": report}
+        if args.precision == "fp16":
+            final = work / "fp16.onnx"
+            check_graph(export_onnx(half_precision(serving), final, pp.crop))
+            reports["fp16_vs_pytorch"] = verify("fp16 ONNX vs PyTorch fp32", final, serving, images, "fp16")
+        elif args.precision == "int8":
+            final = work / "int8.onnx"
+            quantize_int8(fp32_path, final, calibration, work)
+            check_graph(onnx.load(str(final)))
+            reports["int8_vs_fp32"] = verify("int8 ONNX vs fp32 ONNX", final, fp32_path, images, "int8")
+
+        model = onnx.load(str(final))
+        outputs = output_names(serving)
+        weight_map_shape = None
+        if "weight_map" in outputs:
+            dims = next(o for o in model.graph.output if o.name == "weight_map").type.tensor_type.shape.dim
+            weight_map_shape = (dims[1].dim_value, dims[2].dim_value)
+        sha = sha256sum(args.checkpoint)
+        exporter = (
+            f"threegnet-serving {importlib.metadata.version('threegnet-serving')}, "
+            f"torch {torch.__version__}, onnx opset {model.opset_import[0].version}"
+        )
+        common = {
+            "arch": loaded.arch,
+            "num_classes": loaded.num_classes,
+            "precision": args.precision,
+            "preprocessing": pp.to_dict(),
+            "source_sha256": sha,
+        }
+        set_metadata(
+            model,
+            {
+                **common,
+                "num_stages": loaded.model.head.num_stages,
+                "dim": loaded.model.head.dim,
+                "input": {
+                    "name": INPUT,
+                    "dtype": "uint8",
+                    "shape": ["batch", pp.crop, pp.crop, 3],
+                    "layout": "NHWC",
+                    "color": "RGB",
+                    "preprocessed": "resize + center crop, not normalized",
+                },
+                "outputs": outputs,
+                "labels": labels,
+                "source_checkpoint": args.checkpoint.name,
+                "exporter": exporter,
+                "verification": {k: r.summary() for k, r in reports.items()},
+            },
+        )
+        onnx.save(model, str(final))
+
+        log(f"[4/4] writing {output_dir / args.name} version {version}")
+        spec = ModelSpec(
+            name=args.name,
+            num_classes=loaded.num_classes,
+            crop=pp.crop,
+            weight_map_shape=weight_map_shape,
+            parameters=common,
+            max_batch_size=args.max_batch_size,
+            tensorrt_fp16=args.tensorrt_fp16,
+        )
+        written = write_repository(output_dir, spec, final, labels, pp.to_dict(), version)
+
+    what, final_report = list(reports.items())[-1]
+    log(
+        f"done in {time.perf_counter() - started:.0f} s: {written['model'] / str(version) / 'model.onnx'}\n"
+        f"  {what.replace('_', ' ')}: max abs difference {final_report.max_abs_diff:.3g} (probabilities), "
+        f"top-1 agreement {100 * final_report.top1_agreement:.1f}%\n"
+        f"  models: {args.name} (uint8 tensors), {spec.image_name} (image bytes), {spec.preprocess_name}\n"
+        f"  serve:  python serve/launch.py --model-repository {output_dir}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (
+        CheckpointError,
+        LabelsError,
+        RepositoryError,
+        GraphError,
+        VerificationError,
+        ExportInputError,
+    ) as e:
+        log(f"error: {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Triton ``config.pbtxt`` files, built as Triton's own ``ModelConfig`` protobuf.
+
+Building the message (rather than formatting text) means a misspelt field fails
+here, at export time, instead of when the server loads the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+LABELS_FILE = "labels.txt"
+BYTES_INPUT = "image_bytes"
+
+# Serving defaults, measured in bench/serving.py: see the README's performance section.
+MAX_BATCH_SIZE = 32
+QUEUE_DELAY_US = 2000  # long enough to gather concurrent requests, short next to one inference
+PREPROCESS_INSTANCES = 2  # decoding is single-threaded Pillow work: one instance per core
+
+
+@dataclass
+class ModelSpec:
+    """What the configs need to know about an exported model."""
+
+    name: str
+    num_classes: int
+    crop: int
+    weight_map_shape: tuple[int, int] | None  # None for heads without re-weighting stages
+    parameters: dict[str, Any] = field(default_factory=dict)  # recorded in every config
+    max_batch_size: int = MAX_BATCH_SIZE
+    tensorrt_fp16: bool = False
+
+    @property
+    def preprocess_name(self) -> str:
+        return f"{self.name}_preprocess"
+
+    @property
+    def image_name(self) -> str:
+        return f"{self.name}_image"
+
+
+def _tensor(name: str, dtype: int, dims: list[int], labels: bool = False) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": name, "data_type": dtype, "dims": dims}
+    if labels:
+        d["label_filename"] = LABELS_FILE
+    return d
+
+
+def _outputs(spec: ModelSpec) -> list[dict[str, Any]]:
+    outs = [
+        _tensor("probabilities", mc.TYPE_FP32, [spec.num_classes], labels=True),
+        _tensor("logits", mc.TYPE_FP32, [spec.num_classes]),
+    ]
+    if spec.weight_map_shape:
+        outs.append(_tensor("weight_map", mc.TYPE_FP32, list(spec.weight_map_shape)))
+    return outs
+
+
+def _parameters(cfg: mc.ModelConfig, params: dict[str, Any]) -> None:
+    for key, value in params.items():
+        cfg.parameters[key].string_value = value if isinstance(value, str) else json.dumps(value)
+
+
+def onnx_model_config(spec: ModelSpec) -> mc.ModelConfig:
+    """The raw-tensor model for Triton's onnxruntime backend.
+
+    No ``kind`` in the instance group: Triton places it on the GPU when there is one
+    and on the CPU otherwise, so one repository serves both.
+    """
+    cfg = mc.ModelConfig(
+        name=spec.name,
+        backend="onnxruntime",
+        max_batch_size=spec.max_batch_size,
+        input=[_tensor("image", mc.TYPE_UINT8, [spec.crop, spec.crop, 3])],
+        output=_outputs(spec),
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=QUEUE_DELAY_US),
+        instance_group=[mc.ModelInstanceGroup(count=1)],
+        model_warmup=[
+            mc.ModelWarmup(
+                name="zeros",
+                batch_size=1,
+                inputs={
+                    "image": mc.ModelWarmup.Input(
+                        data_type=mc.TYPE_UINT8, dims=[spec.crop, spec.crop, 3], zero_data=True
+                    )
+                },
+            )
+        ],
+    )
+    if spec.tensorrt_fp16:
+        trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        trt.parameters["precision_mode"] = "FP16"
+        trt.parameters["max_workspace_size_bytes"] = str(1 << 30)
+        trt.parameters["trt_engine_cache_enable"] = "1"
+        trt.parameters["trt_engine_cache_path"] = "/tmp/triton_trt_cache"
+    _parameters(cfg, {**spec.parameters, "image_model": spec.image_name})
+    return cfg
+
+
+def preprocess_model_config(spec: ModelSpec, preprocessing: dict[str, Any]) -> mc.ModelConfig:
+    """The python-backend model that turns encoded image bytes into the model's input."""
+    cfg = mc.ModelConfig(
+        name=spec.preprocess_name,
+        backend="python",
+        max_batch_size=spec.max_batch_size,
+        input=[_tensor(BYTES_INPUT, mc.TYPE_STRING, [1])],
+        output=[_tensor("image", mc.TYPE_UINT8, [spec.crop, spec.crop, 3])],
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=QUEUE_DELAY_US),
+        instance_group=[
+            mc.ModelInstanceGroup(count=PREPROCESS_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU)
+        ],
+    )
+    _parameters(cfg, {"preprocessing": preprocessing})
+    return cfg
+
+
+def ensemble_config(spec: ModelSpec) -> mc.ModelConfig:
+    """Encoded image bytes in, the model's outputs out: preprocess, then the ONNX model."""
+    outputs = _outputs(spec)
+    step_pre = mc.ModelEnsembling.Step(
+        model_name=spec.preprocess_name,
+        model_version=-1,
+        input_map={BYTES_INPUT: BYTES_INPUT},
+        output_map={"image": "preprocessed_image"},
+    )
+    step_model = mc.ModelEnsembling.Step(
+        model_name=spec.name,
+        model_version=-1,
+        input_map={"image": "preprocessed_image"},
+        output_map={o["name"]: o["name"] for o in outputs},
+    )
+    cfg = mc.ModelConfig(
+        name=spec.image_name,
+        platform="ensemble",
+        max_batch_size=spec.max_batch_size,
+        input=[_tensor(BYTES_INPUT, mc.TYPE_STRING, [1])],
+        output=outputs,
+        ensemble_scheduling=mc.ModelEnsembling(step=[step_pre, step_model]),
+    )
+    _parameters(cfg, {**spec.parameters, "tensor_model": spec.name})
+    return cfg
+
+
+def to_pbtxt(cfg: mc.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def parse_pbtxt(text: str) -> mc.ModelConfig:
+    """Parse a ``config.pbtxt``; unknown or misspelt fields raise ``ParseError``."""
+    return text_format.Parse(text, mc.ModelConfig())

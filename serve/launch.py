@@ -1,0 +1,101 @@
+"""Run a real Triton Inference Server on an exported model repository, in the foreground.
+
+    python serve/launch.py --model-repository model_repository
+
+Uses ``tritonserver`` from PATH (NVIDIA's container) or the one in the
+``nvidia-pytriton`` wheel; with the latter, ONNX models run through a python-backend
+stand-in (see ``serve/standin.py``). Binds 127.0.0.1 unless ``--host`` says
+otherwise, waits until every model is ready, prints the URLs, and shuts down
+gracefully on Ctrl-C / SIGTERM. Exits non-zero with Triton's reason when it
+cannot start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from serve.server import ServerError, TritonServer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", required=True, type=Path, help="folder written by export/to_onnx.py")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument(
+        "--tritonserver", help="path to a tritonserver executable (default: PATH, then the wheel's)"
+    )
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the models (default 300)")
+    p.add_argument("--quiet", action="store_true", help="do not echo Triton's log")
+    p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    p.add_argument("triton_args", nargs=argparse.REMAINDER, help="after --: more tritonserver flags")
+    return p.parse_args(argv)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    extra = args.triton_args[1:] if args.triton_args[:1] == ["--"] else args.triton_args
+    server = TritonServer(
+        args.model_repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        server=args.tritonserver,
+        log=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)),
+        log_verbose=args.log_verbose,
+        extra_args=extra,
+    )
+    stopping = []
+
+    def shutdown(signum: int, _frame: object) -> None:
+        if not stopping:
+            stopping.append(signum)
+            log(f"\n{signal.Signals(signum).name}: shutting Triton down gracefully...")
+            if server.process is not None and server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+    try:
+        server.start()
+        log(f"starting {server.binary.executable} ({server.binary.origin}) on {args.model_repository}")
+        if server.standin_models:
+            log(
+                f"no onnxruntime backend here: serving {', '.join(server.standin_models)} through onnxruntime "
+                "in the python backend"
+            )
+        server.wait_ready(args.timeout)
+    except ServerError as e:
+        log(f"error: {e}")
+        return 1
+    if stopping:
+        return server.stop() or 0
+    models = ", ".join(f"{m['name']} (v{m.get('version', '?')})" for m in server.models())
+    log(
+        f"\nTriton is ready. Models: {models}\n"
+        f"  HTTP     http://{server.http_url}  (KServe v2: /v2/models/<name>/infer)\n"
+        f"  gRPC     {server.grpc_url}\n"
+        f"  metrics  {server.metrics_url}\n"
+        "Ctrl-C to stop."
+    )
+    status = server.process.wait()
+    final = server.stop()
+    if not stopping:
+        log(f"error: tritonserver exited on its own with status {status}")
+        return 1 if status == 0 else status
+    log("Triton stopped.")
+    return final or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Starting, watching and stopping a real Triton Inference Server process.
+
+Finds ``tritonserver`` on PATH (as inside NVIDIA's container) or else the one that
+ships in the ``nvidia-pytriton`` wheel, which needs its library folder on
+``LD_LIBRARY_PATH`` and a backend folder holding the python backend stub for the
+running Python. Used by ``serve/launch.py``, the tests, the benchmarks and the demo.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serve.standin import build_shadow_repository
+
+# Lines of Triton's log that are noise on a machine without a GPU.
+_NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM unable to start")
+_ERROR_LINE = re.compile(r"^(E\d{4} |error: |Error: )")
+
+
+class ServerError(RuntimeError):
+    """Triton could not be started or stopped; the message carries Triton's reason."""
+
+
+@dataclass
+class ServerBinary:
+    """A ``tritonserver`` executable and what it needs to run."""
+
+    executable: Path
+    origin: str
+    has_onnxruntime: bool
+    env: dict[str, str] = field(default_factory=dict)
+    wheel_backends: Path | None = None  # the wheel's backends/ (its python stub lives elsewhere)
+    wheel_stubs: Path | None = None
+
+
+def find_server(explicit: str | os.PathLike | None = None) -> ServerBinary:
+    """``explicit``, else ``tritonserver`` on PATH, else the ``nvidia-pytriton`` wheel's."""
+    path = Path(explicit) if explicit else (Path(p) if (p := shutil.which("tritonserver")) else None)
+    if path is not None:
+        if not path.exists():
+            raise ServerError(f"{path}: no such tritonserver executable")
+        backends = path.resolve().parent.parent / "backends"
+        return ServerBinary(path, f"{path}", has_onnxruntime=(backends / "onnxruntime").is_dir())
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(
+            "no tritonserver on PATH and the nvidia-pytriton wheel is not installed (run make setup)"
+        )
+    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    ld_path = [str(libs), sysconfig.get_config_var("LIBDIR") or "", os.environ.get("LD_LIBRARY_PATH", "")]
+    # The python backend stub takes its sys.path from the first python3 on PATH: make it ours,
+    # so the models see this environment's packages (numpy, Pillow, onnxruntime).
+    path = [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    return ServerBinary(
+        executable=root / "bin" / "tritonserver",
+        origin="the nvidia-pytriton wheel",
+        has_onnxruntime=False,
+        env={
+            "LD_LIBRARY_PATH": os.pathsep.join(p for p in ld_path if p),
+            "PATH": os.pathsep.join(p for p in path if p),
+        },
+        wheel_backends=root / "backends",
+        wheel_stubs=root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}",
+    )
+
+
+def gpu_present() -> bool:
+    """A GPU that onnxruntime can use (the driver's device node and the CUDA provider)."""
+    if not Path("/dev/nvidiactl").exists():
+        return False
+    try:
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        return False
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the launcher dies, so no server outlives it."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class TritonServer:
+    """A Triton server process bound to ``host`` (127.0.0.1 unless told otherwise).
+
+    Use as a context manager, or ``start()`` / ``wait_ready()`` / ``stop()``.
+    ``log`` receives every line Triton prints (default: dropped; the launcher
+    echoes them); the last lines are kept for error messages either way.
+    """
+
+    def __init__(
+        self,
+        model_repository: str | os.PathLike,
+        host: str = "127.0.0.1",
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        server: str | os.PathLike | None = None,
+        log: Callable[[str], None] | None = None,
+        log_verbose: int = 0,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.repository = Path(model_repository)
+        self.host, self.http_port, self.grpc_port, self.metrics_port = (
+            host,
+            http_port,
+            grpc_port,
+            metrics_port,
+        )
+        self.server_path = server
+        self.log = log
+        self.log_verbose = log_verbose
+        self.extra_args = list(extra_args or [])
+        self.lines: collections.deque[str] = collections.deque(maxlen=400)
+        self.process: subprocess.Popen | None = None
+        self.standin_models: list[str] = []
+        self.binary: ServerBinary | None = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
+        self._reader: threading.Thread | None = None
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _check_repository(self) -> None:
+        if not self.repository.is_dir():
+            raise ServerError(f"{self.repository}: no such model repository")
+        if not any((p / "config.pbtxt").exists() for p in self.repository.iterdir() if p.is_dir()):
+            raise ServerError(
+                f"{self.repository}: no model with a config.pbtxt in it "
+                "(export one with python export/to_onnx.py --checkpoint CKPT --output-dir DIR)"
+            )
+
+    def _command(self) -> list[str]:
+        assert self.binary is not None and self._workdir is not None
+        work = Path(self._workdir.name)
+        repository = self.repository.resolve()
+        cmd = [str(self.binary.executable)]
+        if self.binary.wheel_backends is not None:
+            backends = work / "backends"
+            shutil.copytree(
+                self.binary.wheel_backends, backends, ignore=shutil.ignore_patterns("__pycache__")
+            )
+            stub = self.binary.wheel_stubs / "triton_python_backend_stub" if self.binary.wheel_stubs else None
+            if stub is None or not stub.exists():
+                raise ServerError(
+                    f"no python backend stub for Python {sys.version_info[:2]} in {self.binary.origin}"
+                )
+            shutil.copy2(stub, backends / "python" / stub.name)
+            cmd += ["--backend-directory", str(backends)]
+        if not self.binary.has_onnxruntime:
+            shadow = work / "repository"
+            self.standin_models = build_shadow_repository(repository, shadow, gpu=gpu_present())
+            repository = shadow
+        return [
+            *cmd,
+            "--model-repository", str(repository),
+            "--http-address", self.host, "--http-port", str(self.http_port),
+            "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
+            "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
+            "--log-verbose", str(self.log_verbose),
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self) -> TritonServer:
+        self._check_repository()
+        for name, port in (
+            ("HTTP", self.http_port),
+            ("gRPC", self.grpc_port),
+            ("metrics", self.metrics_port),
+        ):
+            if port_in_use(self.host, port):
+                raise ServerError(
+                    f"{name} port {port} on {self.host} is already in use (another server?); "
+                    f"choose another with --{name.lower()}-port"
+                )
+        self.binary = find_server(self.server_path)
+        self._workdir = tempfile.TemporaryDirectory(prefix="threegnet-triton-")
+        cmd = self._command()
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.binary.env},
+            start_new_session=True,  # our own process group: signals reach the stubs too
+            preexec_fn=_die_with_parent,
+            text=True,
+            errors="replace",
+        )
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read_output(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            if self.log is not None:
+                self.log(line)
+
+    def errors(self) -> list[str]:
+        """Triton's error lines so far, without the no-GPU noise."""
+        return [ln for ln in self.lines if _ERROR_LINE.match(ln) and not any(n in ln for n in _NOISE)]
+
+    def _get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        url = f"http://{self.host}:{self.http_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def is_ready(self) -> bool:
+        try:
+            return self._get("/v2/health/ready")[0] == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 300.0) -> TritonServer:
+        """Block until the server and all its models are ready; raise with Triton's reason
+        if it exits or does not get there in ``timeout`` seconds."""
+        assert self.process is not None, "start() first"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                if self._reader is not None:
+                    self._reader.join(timeout=5)
+                reasons = self.errors() or list(self.lines)[-15:]
+                self._cleanup()
+                raise ServerError(
+                    f"tritonserver exited with status {self.process.returncode}:\n  " + "\n  ".join(reasons)
+                )
+            if self.is_ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n  " + "\n  ".join(self.errors()))
+
+    def models(self) -> list[dict]:
+        """The repository index: name, version and state of every model."""
+        req = urllib.request.Request(
+            f"http://{self.host}:{self.http_port}/v2/repository/index", data=b"{}", method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """Graceful shutdown (SIGTERM: Triton finishes in-flight requests), then SIGKILL
+        for anything left in the server's process group. Returns the exit status."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # stubs and anything else left behind
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        self._cleanup()
+        return self.process.returncode
+
+    def _cleanup(self) -> None:
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,72 @@
+"""Serving ONNX models on a Triton server that has no onnxruntime backend.
+
+The Triton server in the ``nvidia-pytriton`` wheel has only the python backend.
+Rather than exporting a second kind of repository, the launcher builds a shadow of
+the exported one in a temporary folder: every onnxruntime model becomes a python
+model running ``triton_models/onnx_standin.py`` on the very same ``model.onnx``
+(linked, not copied) with the same inputs, outputs, labels, batching and warmup;
+every other model (the preprocessing model, the ensemble) is linked unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.triton_config import parse_pbtxt, to_pbtxt
+
+STANDIN = Path(__file__).resolve().parent / "triton_models" / "onnx_standin.py"
+
+
+def is_onnx_model(cfg: mc.ModelConfig) -> bool:
+    return cfg.backend == "onnxruntime" or cfg.platform == "onnxruntime_onnx"
+
+
+def standin_config(cfg: mc.ModelConfig, gpu: bool) -> mc.ModelConfig:
+    """The python-backend twin of an onnxruntime config."""
+    twin = mc.ModelConfig()
+    twin.CopyFrom(cfg)
+    twin.backend, twin.platform = "python", ""
+    twin.ClearField("default_model_filename")
+    twin.optimization.ClearField("execution_accelerators")  # TensorRT & co. are onnxruntime-backend options
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    if not twin.instance_group:
+        twin.instance_group.add(count=1)
+    for group in twin.instance_group:
+        if group.kind in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_GPU):
+            group.kind = kind
+            if not gpu:
+                group.ClearField("gpus")
+    return twin
+
+
+def build_shadow_repository(source: Path, target: Path, gpu: bool = False) -> list[str]:
+    """Fill ``target`` with the shadow of ``source``; returns the names of the models
+    that run through the stand-in."""
+    target.mkdir(parents=True, exist_ok=True)
+    replaced = []
+    for model_dir in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        config_file = model_dir / "config.pbtxt"
+        cfg = parse_pbtxt(config_file.read_text()) if config_file.exists() else None
+        if cfg is None or not is_onnx_model(cfg):
+            os.symlink(model_dir.resolve(), target / model_dir.name, target_is_directory=True)
+            continue
+        twin_dir = target / model_dir.name
+        twin_dir.mkdir()
+        (twin_dir / "config.pbtxt").write_text(to_pbtxt(standin_config(cfg, gpu)))
+        for entry in model_dir.iterdir():
+            if entry.name == "config.pbtxt" or entry.name.startswith("."):
+                continue
+            if entry.is_dir() and entry.name.isdigit():
+                version = twin_dir / entry.name
+                version.mkdir()
+                for item in entry.iterdir():
+                    os.symlink(item.resolve(), version / item.name)
+                shutil.copy2(STANDIN, version / "model.py")
+            else:
+                os.symlink(entry.resolve(), twin_dir / entry.name)
+        replaced.append(model_dir.name)
+    return replaced

@@ -1,0 +1,62 @@
+"""Triton python-backend stand-in for the onnxruntime backend.
+
+The Triton server in the ``nvidia-pytriton`` wheel has only the python backend.
+``serve/launch.py`` then serves each ONNX model through this file: the same
+``model.onnx``, the same config (batching, outputs, labels), run by onnxruntime.
+The dynamic batcher hands several requests at once; they run as one batch.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_thread_count", "0"))
+        options.inter_op_num_threads = int(params.get("inter_op_thread_count", "0"))
+        providers = ["CPUExecutionProvider"]
+        if args["model_instance_kind"] == "GPU":
+            device = int(args["model_instance_device_id"])
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device}))
+        self.session = ort.InferenceSession(
+            os.path.join(version_dir, "model.onnx"), options, providers=providers
+        )
+        self.inputs = [i["name"] for i in config["input"]]
+        self.outputs = [o["name"] for o in config["output"]]
+
+    def execute(self, requests):
+        feeds = {
+            name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
+            for name in self.inputs
+        }
+        sizes = [a.shape[0] for a in feeds[self.inputs[0]]]
+        wanted = set()
+        for request in requests:
+            wanted.update(request.requested_output_names() or self.outputs)
+        names = [n for n in self.outputs if n in wanted]
+        try:
+            results = self.session.run(
+                names, {name: np.concatenate(arrays) for name, arrays in feeds.items()}
+            )
+        except Exception as e:  # one bad batch must not take the model down
+            error = pb_utils.TritonError(f"onnxruntime: {e}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        responses, start = [], 0
+        for request, size in zip(requests, sizes):
+            asked = set(request.requested_output_names() or self.outputs)
+            tensors = [
+                pb_utils.Tensor(name, result[start : start + size])
+                for name, result in zip(names, results)
+                if name in asked
+            ]
+            responses.append(pb_utils.InferenceResponse(tensors))
+            start += size
+        return responses
