@@ -59,8 +59,7 @@ def resolve_labels(
         labels, source = places365_labels(), "Places365"
     else:
         raise LabelsError(
-            f"the checkpoint has {num_classes} classes but no class names; pass --labels FILE "
-            "(one name per line)"
+            f"the checkpoint has {num_classes} classes but no class names; pass --labels FILE (one name per line)"
         )
     if len(labels) != num_classes:
         raise LabelsError(f"{source} has {len(labels)} labels but the model has {num_classes} classes")

@@ -88,11 +88,7 @@ def second_order_nodes(graph: onnx.GraphProto) -> list[str]:
     for node in graph.node:
         namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
         path = [part.split(":")[0].strip() for part in namespace.split("/")]
-        if (
-            len(path) >= 3
-            and path[1].endswith("head")
-            and (len(path) == 3 or path[2].endswith("head.vectorize"))
-        ):
+        if len(path) >= 3 and path[1].endswith("head") and (len(path) == 3 or path[2].endswith("head.vectorize")):
             names.append(node.name)
     return names
 

@@ -44,9 +44,7 @@ class _Calibration(CalibrationDataReader):
         return None if batch is None else {"image": batch}
 
 
-def quantize_int8(
-    fp32_path: Path, out_path: Path, calibration: np.ndarray, work_dir: Path
-) -> onnx.ModelProto:
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, work_dir: Path) -> onnx.ModelProto:
     """Static INT8 (QDQ) quantization calibrated on ``calibration`` images.
 
     U8 activations, S8 per-channel weights and no range reduction: the choice for

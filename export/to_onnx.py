@@ -57,30 +57,16 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--checkpoint", required=True, type=Path, help="this project's checkpoint or a released .pth.tar"
-    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="this project's checkpoint or a released .pth.tar")
     p.add_argument("--output-dir", required=True, type=Path, help="the Triton model repository to write into")
     p.add_argument("--name", default="threegnet", help="model name in the repository (default: threegnet)")
     p.add_argument("--arch", choices=sorted(ARCHS), help="override the arch inferred from the checkpoint")
-    p.add_argument(
-        "--labels", type=Path, help="class names, one per line (Places365 'path index' lines work)"
-    )
-    p.add_argument(
-        "--precision", choices=PRECISIONS, default="fp32", help="fp16: for GPUs; int8: for CPU serving"
-    )
-    p.add_argument(
-        "--calibration-images", type=Path, help="folder of images to calibrate INT8 on (required for int8)"
-    )
-    p.add_argument(
-        "--verify-images", type=Path, help="folder of images to verify on (default: calibration or noise)"
-    )
-    p.add_argument(
-        "--max-images", type=int, default=64, help="images read from each folder at most (default: 64)"
-    )
-    p.add_argument(
-        "--tensorrt-fp16", action="store_true", help="add the TensorRT FP16 accelerator (GPU deployments)"
-    )
+    p.add_argument("--labels", type=Path, help="class names, one per line (Places365 'path index' lines work)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16: for GPUs; int8: for CPU serving")
+    p.add_argument("--calibration-images", type=Path, help="folder of images to calibrate INT8 on (required for int8)")
+    p.add_argument("--verify-images", type=Path, help="folder of images to verify on (default: calibration or noise)")
+    p.add_argument("--max-images", type=int, default=64, help="images read from each folder at most (default: 64)")
+    p.add_argument("--tensorrt-fp16", action="store_true", help="add the TensorRT FP16 accelerator (GPU deployments)")
     p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help=f"default: {MAX_BATCH_SIZE}")
     p.add_argument("--version", type=int, help="version number to write (default: the next free one)")
     p.add_argument("--force", action="store_true", help="replace an existing version (default: the latest)")
@@ -142,9 +128,7 @@ def run(args: argparse.Namespace) -> int:
     pp = loaded.preprocessing
     serving = ServingModel(loaded.model, pp).eval()
 
-    calibration = (
-        read_images(args.calibration_images, pp, args.max_images) if args.calibration_images else None
-    )
+    calibration = read_images(args.calibration_images, pp, args.max_images) if args.calibration_images else None
     if args.verify_images:
         images = read_images(args.verify_images, pp, args.max_images)
     else:
@@ -155,9 +139,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"[2/4] tracing to ONNX ({loaded.arch}, {pp.crop}x{pp.crop} uint8 NHWC input, dynamic batch)")
         fp32_path = work / "fp32.onnx"
         ops = check_graph(export_onnx(serving, fp32_path, pp.crop))
-        log(
-            f"  {sum(ops.values())} nodes, {ops.get('MatMul', 0)} MatMul, no Loop/NonZero/Trilu; checker passed"
-        )
+        log(f"  {sum(ops.values())} nodes, {ops.get('MatMul', 0)} MatMul, no Loop/NonZero/Trilu; checker passed")
 
         log(f"[3/4] verifying with onnxruntime ({len(images)} images)")
         report = verify("fp32 ONNX vs PyTorch", fp32_path, serving, images, "fp32")

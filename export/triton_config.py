@@ -110,9 +110,7 @@ def preprocess_model_config(spec: ModelSpec, preprocessing: dict[str, Any]) -> m
         input=[_tensor(BYTES_INPUT, mc.TYPE_STRING, [1])],
         output=[_tensor("image", mc.TYPE_UINT8, [spec.crop, spec.crop, 3])],
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=QUEUE_DELAY_US),
-        instance_group=[
-            mc.ModelInstanceGroup(count=PREPROCESS_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU)
-        ],
+        instance_group=[mc.ModelInstanceGroup(count=PREPROCESS_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU)],
     )
     _parameters(cfg, {"preprocessing": preprocessing})
     return cfg

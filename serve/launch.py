@@ -13,6 +13,7 @@ cannot start.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -27,10 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument(
-        "--tritonserver", help="path to a tritonserver executable (default: PATH, then the wheel's)"
-    )
+    p.add_argument("--tritonserver", help="path to a tritonserver executable (default: PATH, then the wheel's)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the models (default 300)")
+    p.add_argument("--exit-timeout", type=int, default=30, help="seconds shutdown waits for clients (default 30)")
     p.add_argument("--quiet", action="store_true", help="do not echo Triton's log")
     p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     p.add_argument("triton_args", nargs=argparse.REMAINDER, help="after --: more tritonserver flags")
@@ -53,16 +53,24 @@ def main(argv: list[str] | None = None) -> int:
         server=args.tritonserver,
         log=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)),
         log_verbose=args.log_verbose,
+        exit_timeout=args.exit_timeout,
         extra_args=extra,
     )
     stopping = []
 
     def shutdown(signum: int, _frame: object) -> None:
+        running = server.process is not None and server.process.poll() is None
         if not stopping:
             stopping.append(signum)
-            log(f"\n{signal.Signals(signum).name}: shutting Triton down gracefully...")
-            if server.process is not None and server.process.poll() is None:
+            log(
+                f"\n{signal.Signals(signum).name}: shutting Triton down gracefully (it waits up to "
+                f"{args.exit_timeout} s for in-flight requests and open connections; Ctrl-C again to force)"
+            )
+            if running:
                 server.process.send_signal(signal.SIGTERM)
+        elif running:
+            log("forcing Triton to stop")
+            os.killpg(server.process.pid, signal.SIGKILL)
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)

@@ -9,6 +9,7 @@ running Python. Used by ``serve/launch.py``, the tests, the benchmarks and the d
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import importlib.util
 import json
@@ -62,9 +63,7 @@ def find_server(explicit: str | os.PathLike | None = None) -> ServerBinary:
         return ServerBinary(path, f"{path}", has_onnxruntime=(backends / "onnxruntime").is_dir())
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ServerError(
-            "no tritonserver on PATH and the nvidia-pytriton wheel is not installed (run make setup)"
-        )
+        raise ServerError("no tritonserver on PATH and the nvidia-pytriton wheel is not installed (run make setup)")
     root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
     libs = root.parent.parent / "nvidia_pytriton.libs"
     ld_path = [str(libs), sysconfig.get_config_var("LIBDIR") or "", os.environ.get("LD_LIBRARY_PATH", "")]
@@ -114,10 +113,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when the launcher dies, so no server outlives it."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class TritonServer:
@@ -138,6 +135,7 @@ class TritonServer:
         server: str | os.PathLike | None = None,
         log: Callable[[str], None] | None = None,
         log_verbose: int = 0,
+        exit_timeout: int = 30,
         extra_args: list[str] | None = None,
     ) -> None:
         self.repository = Path(model_repository)
@@ -150,6 +148,7 @@ class TritonServer:
         self.server_path = server
         self.log = log
         self.log_verbose = log_verbose
+        self.exit_timeout = exit_timeout  # how long shutdown waits for in-flight requests and open connections
         self.extra_args = list(extra_args or [])
         self.lines: collections.deque[str] = collections.deque(maxlen=400)
         self.process: subprocess.Popen | None = None
@@ -188,14 +187,10 @@ class TritonServer:
         cmd = [str(self.binary.executable)]
         if self.binary.wheel_backends is not None:
             backends = work / "backends"
-            shutil.copytree(
-                self.binary.wheel_backends, backends, ignore=shutil.ignore_patterns("__pycache__")
-            )
+            shutil.copytree(self.binary.wheel_backends, backends, ignore=shutil.ignore_patterns("__pycache__"))
             stub = self.binary.wheel_stubs / "triton_python_backend_stub" if self.binary.wheel_stubs else None
             if stub is None or not stub.exists():
-                raise ServerError(
-                    f"no python backend stub for Python {sys.version_info[:2]} in {self.binary.origin}"
-                )
+                raise ServerError(f"no python backend stub for Python {sys.version_info[:2]} in {self.binary.origin}")
             shutil.copy2(stub, backends / "python" / stub.name)
             cmd += ["--backend-directory", str(backends)]
         if not self.binary.has_onnxruntime:
@@ -209,6 +204,7 @@ class TritonServer:
             "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
             "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
             "--log-verbose", str(self.log_verbose),
+            "--exit-timeout-secs", str(self.exit_timeout),
             *self.extra_args,
         ]  # fmt: skip
 
@@ -296,21 +292,17 @@ class TritonServer:
         with urllib.request.urlopen(req, timeout=5) as r:
             return json.loads(r.read())
 
-    def stop(self, timeout: float = 60.0) -> int | None:
+    def stop(self, timeout: float | None = None) -> int | None:
         """Graceful shutdown (SIGTERM: Triton finishes in-flight requests), then SIGKILL
         for anything left in the server's process group. Returns the exit status."""
         if self.process is None:
             return None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout if timeout is not None else self.exit_timeout + 30)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)  # stubs and anything else left behind
-        except (ProcessLookupError, PermissionError):
-            pass
         self.process.wait()
         if self._reader is not None:
             self._reader.join(timeout=5)

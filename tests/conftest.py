@@ -30,3 +30,50 @@ def artifacts_dir() -> Path:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+
+# -- a tiny exported model and a real Triton server, shared by the serving and client tests --------
+
+TINY_CLASSES = ["stripes", "checks", "blobs", "noise"]
+TINY_PREPROCESSING = {"resize": 73, "crop": 64}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small untrained 3G-Net in this project's checkpoint format (64x64 crops)."""
+    import torch
+
+    from training.checkpoint import make_checkpoint, save_atomic
+    from training.model import create_model
+    from training.preprocessing import Preprocessing
+
+    torch.manual_seed(0)
+    model = create_model("resnet18_3g", num_classes=len(TINY_CLASSES), dim=32)
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pth.tar"
+    ckpt = make_checkpoint(
+        model, arch="resnet18_3g", class_names=TINY_CLASSES, preprocessing=Preprocessing(**TINY_PREPROCESSING)
+    )
+    return save_atomic(ckpt, path)
+
+
+@pytest.fixture(scope="session")
+def model_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_checkpoint`` exported by ``export/to_onnx.py`` into a fresh model repository."""
+    from export.to_onnx import main as export_main
+
+    repo = tmp_path_factory.mktemp("model_repository")
+    assert export_main(["--checkpoint", str(tiny_checkpoint), "--output-dir", str(repo)]) == 0
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(model_repository: Path):
+    """A real Triton server (``serve/server.py``) on free ports, serving ``model_repository``."""
+    from serve.server import TritonServer, free_port
+
+    # Clients in the tests keep connections open; don't wait 30 s for them at the end.
+    server = TritonServer(
+        model_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), exit_timeout=3
+    )
+    with server:
+        yield server

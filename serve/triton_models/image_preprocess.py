@@ -23,9 +23,7 @@ INPUT, OUTPUT = "image_bytes", "image"
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.preprocessing = Preprocessing.from_dict(
-            json.loads(config["parameters"]["preprocessing"]["string_value"])
-        )
+        self.preprocessing = Preprocessing.from_dict(json.loads(config["parameters"]["preprocessing"]["string_value"]))
 
     def execute(self, requests):
         responses = []

@@ -26,16 +26,13 @@ class TritonPythonModel:
         if args["model_instance_kind"] == "GPU":
             device = int(args["model_instance_device_id"])
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device}))
-        self.session = ort.InferenceSession(
-            os.path.join(version_dir, "model.onnx"), options, providers=providers
-        )
+        self.session = ort.InferenceSession(os.path.join(version_dir, "model.onnx"), options, providers=providers)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
 
     def execute(self, requests):
         feeds = {
-            name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
-            for name in self.inputs
+            name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests] for name in self.inputs
         }
         sizes = [a.shape[0] for a in feeds[self.inputs[0]]]
         wanted = set()
@@ -43,18 +40,16 @@ class TritonPythonModel:
             wanted.update(request.requested_output_names() or self.outputs)
         names = [n for n in self.outputs if n in wanted]
         try:
-            results = self.session.run(
-                names, {name: np.concatenate(arrays) for name, arrays in feeds.items()}
-            )
+            results = self.session.run(names, {name: np.concatenate(arrays) for name, arrays in feeds.items()})
         except Exception as e:  # one bad batch must not take the model down
             error = pb_utils.TritonError(f"onnxruntime: {e}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         responses, start = [], 0
-        for request, size in zip(requests, sizes):
+        for request, size in zip(requests, sizes, strict=False):
             asked = set(request.requested_output_names() or self.outputs)
             tensors = [
                 pb_utils.Tensor(name, result[start : start + size])
-                for name, result in zip(names, results)
+                for name, result in zip(names, results, strict=False)
                 if name in asked
             ]
             responses.append(pb_utils.InferenceResponse(tensors))
