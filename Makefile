@@ -42,5 +42,9 @@ test: setup browser lint
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# CPU benchmarks (model speed, head share, INT8, serving overhead): tables in bench/results/.
+bench: setup
+	$(PY) bench/run.py
+
 clean:
 	rm -rf runs artifacts bench/results tests/artifacts .pytest_cache
