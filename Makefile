@@ -42,6 +42,12 @@ test: setup browser lint
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# The whole pipeline on built-in data: generate, train, export, serve, demo (Ctrl-C stops).
+#   make demo RETRAIN=1                      train and export again
+#   make demo CHECKPOINT=path/to/ckpt        serve that checkpoint instead of training
+demo: setup
+	$(PY) pipeline/demo.py $(if $(RETRAIN),--retrain) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
 # CPU benchmarks (model speed, head share, INT8, serving overhead): tables in bench/results/.
 bench: setup
 	$(PY) bench/run.py

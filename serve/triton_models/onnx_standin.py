@@ -24,6 +24,8 @@ class TritonPythonModel:
         options.inter_op_num_threads = int(params.get("inter_op_thread_count", "0"))
         providers = ["CPUExecutionProvider"]
         if args["model_instance_kind"] == "GPU":
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, when not on the library path
             device = int(args["model_instance_device_id"])
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device}))
         self.session = ort.InferenceSession(os.path.join(version_dir, "model.onnx"), options, providers=providers)

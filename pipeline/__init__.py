@@ -1,0 +1,1 @@
+"""The whole pipeline on built-in data, as one command (make demo)."""

@@ -1,0 +1,106 @@
+"""The GPU paths: onnxruntime's CUDA provider, the fp16 export, autocast, Triton on a GPU.
+
+CI machines have no GPU, so these are skipped there (conftest says why); they run
+wherever one is present, e.g. ``pytest -m gpu`` on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import TINY_CLASSES
+
+from export.precision import half_precision
+from export.serving_model import ServingModel
+from export.to_onnx import main as export_main
+from serve.server import TritonServer, free_port
+from training.checkpoint import load_model
+from training.model import create_model
+from training.preprocessing import IMAGENET
+
+pytestmark = pytest.mark.gpu
+
+
+def cuda_session(path) -> ort.InferenceSession:
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels or PyTorch
+    sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert sess.get_providers()[0] == "CUDAExecutionProvider"
+    return sess
+
+
+@pytest.fixture(scope="module")
+def resnet50(tmp_path_factory):
+    torch.manual_seed(0)
+    serving = ServingModel(create_model("resnet50_3g").eval(), IMAGENET).eval()
+    from export.onnx_graph import export_onnx
+
+    path = tmp_path_factory.mktemp("gpu") / "r50.onnx"
+    export_onnx(serving, path, 224)
+    return serving, path
+
+
+def test_cuda_provider_matches_pytorch(resnet50):
+    serving, path = resnet50
+    x = np.random.default_rng(0).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+    probs, logits, wmap = cuda_session(path).run(None, {"image": x})
+    with torch.no_grad():
+        ref = [t.numpy() for t in serving(torch.from_numpy(x))]
+    np.testing.assert_allclose(logits, ref[1], rtol=1e-2, atol=1e-2)  # TF32 convolutions allowed
+    np.testing.assert_allclose(wmap, ref[2], atol=1e-3)
+    assert (probs.argmax(1) == ref[0].argmax(1)).all()
+
+
+def test_fp16_export_on_cuda_keeps_the_head_accurate(resnet50, tmp_path):
+    serving, _ = resnet50
+    from export.onnx_graph import export_onnx
+
+    path = tmp_path / "fp16.onnx"
+    export_onnx(half_precision(serving), path, 224)
+    x = np.random.default_rng(1).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
+    probs, logits, _ = cuda_session(path).run(None, {"image": x})
+    with torch.no_grad():
+        ref_probs, ref_logits = (t.numpy() for t in serving(torch.from_numpy(x))[:2])
+    assert np.isfinite(logits).all()
+    assert np.abs(probs - ref_probs).max() < 0.05
+    assert np.mean(probs.argmax(1) == ref_probs.argmax(1)) >= 0.75
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_on_cuda_keeps_the_second_order_part_in_fp32(dtype):
+    torch.manual_seed(0)
+    model = create_model("resnet50_3g", num_classes=10).cuda().eval()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cuda", dtype=dtype):
+            got = model(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), ref, rtol=0.1, atol=0.1)
+
+
+def test_triton_serves_the_repository_on_the_gpu(model_repository, tiny_checkpoint):
+    loaded = load_model(tiny_checkpoint)
+    serving = ServingModel(loaded.model, loaded.preprocessing).eval()
+    import tritonclient.grpc as grpcclient
+
+    server = TritonServer(model_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          exit_timeout=3)  # fmt: skip
+    with server:
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        config = c.get_model_config("threegnet", as_json=True)["config"]
+        assert config["instance_group"][0]["kind"] == "KIND_GPU"
+        x = np.random.default_rng(2).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+        inp = grpcclient.InferInput("image", list(x.shape), "UINT8")
+        inp.set_data_from_numpy(x)
+        probs = c.infer("threegnet", [inp]).as_numpy("probabilities")
+    with torch.no_grad():
+        ref = serving(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(probs, ref, atol=1e-3)
+    assert len(TINY_CLASSES) == probs.shape[1]
+
+
+def test_export_cli_on_a_gpu_machine(tiny_checkpoint, tmp_path):
+    assert export_main(["--checkpoint", str(tiny_checkpoint), "--output-dir", str(tmp_path), "--precision", "fp16"]) == 0
