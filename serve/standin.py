@@ -43,6 +43,21 @@ def standin_config(cfg: mc.ModelConfig, gpu: bool) -> mc.ModelConfig:
     return twin
 
 
+def _link_tree(source: Path, target: Path) -> None:
+    """Mirror ``source`` as real folders of links to its files.
+
+    Python models write ``__pycache__`` beside their ``model.py``: with real folders
+    that happens in the shadow, never in the exported repository.
+    """
+    target.mkdir()
+    for entry in source.iterdir():
+        if entry.is_dir():
+            if entry.name != "__pycache__":
+                _link_tree(entry, target / entry.name)
+        else:
+            os.symlink(entry.resolve(), target / entry.name)
+
+
 def build_shadow_repository(source: Path, target: Path, gpu: bool = False) -> list[str]:
     """Fill ``target`` with the shadow of ``source``; returns the names of the models
     that run through the stand-in."""
@@ -52,7 +67,7 @@ def build_shadow_repository(source: Path, target: Path, gpu: bool = False) -> li
         config_file = model_dir / "config.pbtxt"
         cfg = parse_pbtxt(config_file.read_text()) if config_file.exists() else None
         if cfg is None or not is_onnx_model(cfg):
-            os.symlink(model_dir.resolve(), target / model_dir.name, target_is_directory=True)
+            _link_tree(model_dir, target / model_dir.name)
             continue
         twin_dir = target / model_dir.name
         twin_dir.mkdir()
@@ -61,12 +76,9 @@ def build_shadow_repository(source: Path, target: Path, gpu: bool = False) -> li
             if entry.name == "config.pbtxt" or entry.name.startswith("."):
                 continue
             if entry.is_dir() and entry.name.isdigit():
-                version = twin_dir / entry.name
-                version.mkdir()
-                for item in entry.iterdir():
-                    os.symlink(item.resolve(), version / item.name)
-                shutil.copy2(STANDIN, version / "model.py")
-            else:
+                _link_tree(entry, twin_dir / entry.name)
+                shutil.copy2(STANDIN, twin_dir / entry.name / "model.py")
+            elif entry.is_file():
                 os.symlink(entry.resolve(), twin_dir / entry.name)
         replaced.append(model_dir.name)
     return replaced

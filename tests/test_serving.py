@@ -272,3 +272,11 @@ def test_server_refuses_a_missing_repository(tmp_path):
         TritonServer(tmp_path / "nope").start()
     with pytest.raises(ServerError, match=r"no model with a config\.pbtxt"):
         TritonServer(tmp_path).start()
+
+
+def test_the_exported_repository_is_left_untouched(triton, model_repository):
+    """Serving runs from a shadow of links: no __pycache__ or anything else lands in the export."""
+    module, c = client(triton, "http")
+    c.infer("threegnet_image", [bytes_input(module, [png(70, 70)])])
+    assert not list(model_repository.rglob("__pycache__"))
+    assert all(not p.is_symlink() for p in model_repository.rglob("*"))

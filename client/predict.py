@@ -1,0 +1,222 @@
+"""Classify image files with a 3G-Net model served by Triton Inference Server.
+
+    python client/predict.py photo.jpg holiday/ 'scans/**/*.png'
+    python client/predict.py data/demo/val --json --top-k 3
+    python client/predict.py img.png --protocol http --url 127.0.0.1:8000 --send tensor
+
+Files, folders (recursive, image suffixes only) and quoted globs. By default the
+encoded files go to the server's image-bytes ensemble, which decodes and
+preprocesses them; --send tensor preprocesses here with the record read from
+the model's config and calls the raw model. --json prints one JSON object per
+input on stdout: {"path", "top_k": [{"index", "label", "probability"}...]} or
+{"path", "error"}.
+
+Exit status: 0 every input classified; 1 some input missing, unreadable or not an
+image (the others are still classified); 2 server unreachable, model missing or
+not ready (also when either goes away during the run), or bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+from tqdm import tqdm
+
+from client.image_files import collect
+from client.inference import (
+    DEFAULT_MODEL,
+    PROTOCOLS,
+    ClientError,
+    ModelUnavailable,
+    Prediction,
+    RequestFailed,
+    TritonClassifier,
+)
+from training.preprocessing import ImageError, Preprocessing, load_and_preprocess
+
+EXIT_OK, EXIT_INPUT_ERRORS, EXIT_SERVER = 0, 1, 2
+PROGRESS_MIN = 5  # fewer images than this need no progress bar
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one input: its top-k, or why it has none."""
+
+    path: str
+    top_k: list[Prediction] | None = None
+    error: str | None = None
+
+    def to_json(self) -> str:
+        if self.error is not None:
+            return json.dumps({"path": self.path, "error": self.error})
+        return json.dumps({"path": self.path, "top_k": [p.to_dict() for p in self.top_k or []]})
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or quoted globs")
+    p.add_argument("--url", help="server HOST:PORT (default 127.0.0.1:8001 for grpc, 127.0.0.1:8000 for http)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="default: grpc")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"the tensor model or its bytes ensemble (default {DEFAULT_MODEL})"
+    )
+    p.add_argument("--top-k", type=_at_least(1), default=5, help="classes per image (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
+    p.add_argument(
+        "--send", choices=("bytes", "tensor"), default="bytes", help="encoded files (default) or local crops"
+    )
+    p.add_argument("--batch-size", type=_at_least(1), default=8, help="images per request (default 8)")
+    p.add_argument("--concurrency", type=_at_least(1), default=4, help="requests in flight (default 4)")
+    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for one answer (default 60)")
+    p.add_argument(
+        "--retries", type=_at_least(0), default=3, help="retries on connection errors, with backoff (default 3)"
+    )
+    return p.parse_args(argv)
+
+
+def _load(path: Path, pp: Preprocessing | None) -> bytes | np.ndarray:
+    """The file's bytes, or its preprocessed crop when ``pp`` is given."""
+    return path.read_bytes() if pp is None else load_and_preprocess(path, pp)
+
+
+def _classify(classifier: TritonClassifier, items: list[tuple[str, bytes | np.ndarray]], top_k: int) -> list[Outcome]:
+    """One request for ``items``; if the server rejects it, each item alone, so that one
+    bad image costs only its own answer."""
+    payloads = [data for _, data in items]
+    try:
+        if isinstance(payloads[0], bytes):
+            answers = classifier.classify_bytes(payloads, top_k)  # type: ignore[arg-type]
+        else:
+            answers = classifier.classify_tensors(np.stack(payloads), top_k)
+    except RequestFailed as e:
+        if len(items) == 1:
+            return [Outcome(items[0][0], error=str(e))]
+        return [outcome for item in items for outcome in _classify(classifier, [item], top_k)]
+    return [Outcome(path, top_k=a.top_k) for (path, _), a in zip(items, answers, strict=True)]
+
+
+def classify_files(
+    classifier: TritonClassifier, paths: list[Path], top_k: int, pp: Preprocessing | None
+) -> list[Outcome]:
+    """Read (and with ``pp`` preprocess) ``paths`` and classify the readable ones; in order."""
+    failed: dict[str, Outcome] = {}
+    items: list[tuple[str, bytes | np.ndarray]] = []
+    for path in paths:
+        try:
+            items.append((str(path), _load(path, pp)))
+        except ImageError as e:
+            failed[str(path)] = Outcome(str(path), error=str(e))
+        except OSError as e:
+            failed[str(path)] = Outcome(str(path), error=f"cannot read: {e.strerror or e}")
+    done = {o.path: o for o in _classify(classifier, items, top_k)} if items else {}
+    return [failed.get(str(p)) or done[str(p)] for p in paths]
+
+
+def _emit(line: str, stream: TextIO) -> None:
+    tqdm.write(line, file=stream)
+    stream.flush()
+
+
+def _human(outcome: Outcome, width: int) -> str:
+    classes = "   ".join(f"{p.label} {p.probability:.1%}" for p in outcome.top_k or [])
+    return f"{outcome.path:<{width}}  {classes}"
+
+
+def report(outcome: Outcome, as_json: bool, width: int) -> None:
+    if as_json:
+        _emit(outcome.to_json(), sys.stdout)
+    elif outcome.error is not None:
+        _emit(f"{outcome.path}: error: {outcome.error}", sys.stderr)
+    else:
+        _emit(_human(outcome, width), sys.stdout)
+
+
+def run(args: argparse.Namespace) -> int:
+    inputs = collect(args.paths)
+    for argument, problem in inputs.problems:
+        report(Outcome(argument, error=problem), args.json, 0)
+    if not inputs.files:
+        print(f"nothing to classify: {len(inputs.problems)} path(s) not found", file=sys.stderr)
+        return EXIT_INPUT_ERRORS
+
+    classifier = TritonClassifier(args.url, args.protocol, args.model, timeout=args.timeout, retries=args.retries)
+    info = classifier.describe()
+    if args.send == "tensor" and info.preprocessing is None:
+        raise ModelUnavailable(f"model '{info.name}' has no preprocessing record in its config; use --send bytes")
+    pp = info.preprocessing if args.send == "tensor" else None
+
+    files = inputs.files
+    batch = min(args.batch_size, info.max_batch_size or 1)
+    chunks = [files[i : i + batch] for i in range(0, len(files), batch)]
+    width = min(max(len(str(f)) for f in files), 60)
+    failures, started = 0, time.perf_counter()
+    # disable=None: tqdm draws only on a terminal, so logs and pipes get no bar.
+    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=len(files) < PROGRESS_MIN or None)
+    with bar, ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        futures: list[Future[list[Outcome]]] = [
+            pool.submit(classify_files, classifier, chunk, args.top_k, pp) for chunk in chunks
+        ]
+        try:
+            for future in futures:
+                for outcome in future.result():
+                    failures += outcome.error is not None
+                    report(outcome, args.json, width)
+                    bar.update(1)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    elapsed = time.perf_counter() - started
+    classified = len(files) - failures
+    missing = f"; {len(inputs.problems)} path(s) not found" if inputs.problems else ""
+    print(
+        f"classified {classified} of {len(files)} images in {elapsed:.2f} s ({classified / elapsed:.1f} images/s) "
+        f"with {info.summary()} at {classifier.where}; {failures} failed{missing}",
+        file=sys.stderr,
+    )
+    return EXIT_INPUT_ERRORS if failures or inputs.problems else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except ClientError as e:  # server unreachable, model missing: nothing can be classified
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_SERVER
+    except BrokenPipeError:  # the reader went away (| head): stop without a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INPUT_ERRORS
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
