@@ -51,6 +51,13 @@ class ExportInputError(ValueError):
     """Bad command-line input (missing image folder...)."""
 
 
+def project_version() -> str:
+    try:
+        return importlib.metadata.version("threegnet-serving")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not pip-installed
+        return "(source tree)"
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -162,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             weight_map_shape = (dims[1].dim_value, dims[2].dim_value)
         sha = sha256sum(args.checkpoint)
         exporter = (
-            f"threegnet-serving {importlib.metadata.version('threegnet-serving')}, "
+            f"threegnet-serving {project_version()}, "
             f"torch {torch.__version__}, onnx opset {model.opset_import[0].version}"
         )
         common = {

@@ -32,14 +32,14 @@ def standin_config(cfg: mc.ModelConfig, gpu: bool) -> mc.ModelConfig:
     twin.backend, twin.platform = "python", ""
     twin.ClearField("default_model_filename")
     twin.optimization.ClearField("execution_accelerators")  # TensorRT & co. are onnxruntime-backend options
-    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    # Triton sees CPU instances (its tensors stay in host memory); on a GPU machine
+    # onnxruntime itself runs the model with its CUDA provider.
     if not twin.instance_group:
         twin.instance_group.add(count=1)
     for group in twin.instance_group:
-        if group.kind in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_GPU):
-            group.kind = kind
-            if not gpu:
-                group.ClearField("gpus")
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+        group.ClearField("gpus")
+    twin.parameters["onnxruntime_device"].string_value = "cuda" if gpu else "cpu"
     return twin
 
 

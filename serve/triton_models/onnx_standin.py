@@ -23,11 +23,10 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(params.get("intra_op_thread_count", "0"))
         options.inter_op_num_threads = int(params.get("inter_op_thread_count", "0"))
         providers = ["CPUExecutionProvider"]
-        if args["model_instance_kind"] == "GPU":
+        if params.get("onnxruntime_device") == "cuda":
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, when not on the library path
-            device = int(args["model_instance_device_id"])
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device}))
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": 0}))
         self.session = ort.InferenceSession(os.path.join(version_dir, "model.onnx"), options, providers=providers)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
