@@ -16,10 +16,35 @@ from tritonclient.grpc import model_config_pb2 as mc
 LABELS_FILE = "labels.txt"
 BYTES_INPUT = "image_bytes"
 
-# Serving defaults, measured in bench/serving.py: see the README's performance section.
+# Serving defaults, measured with bench/serving.py (numbers and the sweep in docs/performance.md).
+# ResNet50-3G on the 2-core CPU: one image 36-110 ms (idle to loaded machine); on an H100 7.5 ms at any
+# batch up to 16.
+#
+# On the CPU images/s grow only ~15% from batch 8 to 32; on an H100 they flatten between 64 and 128.
+# 32 keeps most of the GPU's gain while bounding what one execution holds in memory and in latency.
 MAX_BATCH_SIZE = 32
-QUEUE_DELAY_US = 2000  # long enough to gather concurrent requests, short next to one inference
-PREPROCESS_INSTANCES = 2  # decoding is single-threaded Pillow work: one instance per core
+# How long an idle instance waits for more requests to batch. Two full runs of bench/serving.py on
+# the 2-core CPU, concurrency 4, the four protocol/input rows each: 2 ms left batches of 2-3
+# (clients resend a few ms apart on a loaded machine) and served 80-102% of in-process; 10 ms formed
+# batches of 3.6-3.9 and served 76-88%: no throughput gain, because batching gains little on a CPU
+# (batch 1 -> 4: +20% images/s) and co-tenant load dominates (docs/performance.md, section 4).
+# What 10 ms does cost is 10 ms on a request that arrives alone (~10% of one CPU inference here,
+# more than a whole GPU inference: 7.5 ms on an H100 at any batch up to 16). So 2 ms.
+QUEUE_DELAY_US = 2000
+# Model instances, each with its own onnxruntime session. Measured on the 2-core machine shared with
+# the load generator and other work (bench/serving.py --sweep): 2 instances x 1 thread served 1.45-1.6x
+# the images/s of one 2-thread session, because a 2-thread operator stalls whenever either core is
+# taken by something else, while two 1-thread sessions keep whichever core is free busy. On a GPU two
+# instances overlap one request's host work with the other's kernels (Triton's usual advice).
+MODEL_INSTANCES = 2
+# onnxruntime intra-op threads per instance; 0 = the machine's cores shared out among the instances
+# (the python-backend stand-in applies that rule at load time; Triton's onnxruntime backend reads 0 as
+# "all cores", so set it to cores / instances for a CPU-only deployment in NVIDIA's container).
+INTRA_OP_THREADS = 0
+# Decoding + resizing + cropping is single-threaded Pillow work (0.3 ms for the benchmark's 256x256
+# JPEGs, more for camera-sized ones): two instances, one per core, so a burst of large uploads is
+# decoded in parallel; idle instances cost nothing.
+PREPROCESS_INSTANCES = 2
 
 
 @dataclass
@@ -78,7 +103,7 @@ def onnx_model_config(spec: ModelSpec) -> mc.ModelConfig:
         input=[_tensor("image", mc.TYPE_UINT8, [spec.crop, spec.crop, 3])],
         output=_outputs(spec),
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=QUEUE_DELAY_US),
-        instance_group=[mc.ModelInstanceGroup(count=1)],
+        instance_group=[mc.ModelInstanceGroup(count=MODEL_INSTANCES)],
         model_warmup=[
             mc.ModelWarmup(
                 name="zeros",
@@ -97,7 +122,9 @@ def onnx_model_config(spec: ModelSpec) -> mc.ModelConfig:
         trt.parameters["max_workspace_size_bytes"] = str(1 << 30)
         trt.parameters["trt_engine_cache_enable"] = "1"
         trt.parameters["trt_engine_cache_path"] = "/tmp/triton_trt_cache"
-    _parameters(cfg, {**spec.parameters, "image_model": spec.image_name})
+    _parameters(
+        cfg, {**spec.parameters, "image_model": spec.image_name, "intra_op_thread_count": str(INTRA_OP_THREADS)}
+    )
     return cfg
 
 

@@ -44,7 +44,7 @@ def test_repository_layout_and_configs(model_repository):
     assert [i.name for i in raw.input] == ["image"] and list(raw.input[0].dims) == [64, 64, 3]
     assert [o.name for o in raw.output] == ["probabilities", "logits", "weight_map"]
     assert raw.output[0].label_filename == "labels.txt"
-    assert raw.model_warmup and raw.instance_group[0].count == 1
+    assert raw.model_warmup and raw.instance_group[0].count == 2
     assert json.loads(raw.parameters["preprocessing"].string_value)["crop"] == 64
     ens = parse_pbtxt((model_repository / "threegnet_image" / "config.pbtxt").read_text())
     assert ens.platform == "ensemble"

@@ -20,7 +20,11 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_thread_count", "0"))
+        threads = int(params.get("intra_op_thread_count", "0"))
+        if threads == 0:  # share the cores out among this model's instances (export/triton_config.py)
+            instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+            threads = max(1, (os.cpu_count() or 1) // instances)
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = int(params.get("inter_op_thread_count", "0"))
         providers = ["CPUExecutionProvider"]
         if params.get("onnxruntime_device") == "cuda":

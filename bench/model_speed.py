@@ -1,0 +1,207 @@
+"""Model speed on the CPU: PyTorch eager vs the exported ONNX in onnxruntime, against the machine's peak.
+
+For each batch size, three things are timed in alternating rounds: a large fp32
+matrix multiply (the machine's practical fp32 peak, through onnxruntime's MLAS and
+torch.mm), the project's model in PyTorch eager, and the exported ONNX model in
+onnxruntime. The model's achieved GFLOP/s (13.6 GFLOP per 224x224 image, DESIGN §1)
+is reported as a fraction of the peak measured in those same rounds.
+
+    .venv/bin/python bench/model_speed.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    GFLOP_PER_IMAGE,
+    RESULTS,
+    Settings,
+    Worker,
+    alternate,
+    build_serving,
+    eager_engine,
+    export,
+    log,
+    machine,
+    machine_markdown,
+    md_table,
+    onnx_engine,
+    stage,
+    write,
+)
+
+
+def count_gflop(serving: Any, crop: int) -> float:
+    """GFLOP per image as torch's FLOP counter sees it (convolutions, matmuls, the fc)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, crop, crop, 3, dtype=torch.uint8)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        serving(x)
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_model(n: int) -> bytes:
+    """A one-node ONNX graph: an ``n x n`` by ``n x n`` fp32 MatMul (MLAS sgemm)."""
+    from onnx import TensorProto, helper
+
+    def value(name: str) -> Any:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n])
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["C"])], "sgemm", [value("A"), value("B")], [value("C")]
+    )
+    # IR version 9: what onnxruntime 1.31 reads (onnx 1.23 would write 14 by default).
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString()
+
+
+def sgemm_onnx_engine(n: int) -> Callable[[Any], object]:
+    """An ``n x n`` fp32 matrix multiply through onnxruntime (MLAS), all threads."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(matmul_model(n), options, providers=["CPUExecutionProvider"])
+    return lambda _: sess.run(None, {"A": a, "B": b})
+
+
+def sgemm_torch_engine(n: int) -> Callable[[Any], object]:
+    """The same multiply through torch.mm (MKL), all threads.
+
+    Both libraries are measured because either may be the faster: on AMD CPUs MKL tends
+    to take its AVX2 path while MLAS uses AVX-512. The peak is the better of the two.
+    """
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def run(_: Any) -> object:
+        with torch.inference_mode():
+            return torch.mm(a, b)
+
+    return run
+
+
+def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
+    import torch
+
+    serving, _ = build_serving(settings)
+    counted = count_gflop(serving, settings.crop)
+    # DESIGN's round figure for the real model; the counter's figure for the quick run's small one.
+    gflop = GFLOP_PER_IMAGE if (settings.arch, settings.crop) == ("resnet50_3g", 224) else counted
+    path = export(serving, work / "model.onnx", settings.crop)
+    del serving
+    n = 1024 if settings.quick else 4096
+    peak_flop = 2 * n**3
+    rows, table = [], []
+    with (
+        Worker(sgemm_onnx_engine, n) as sgemm_onnx,
+        Worker(sgemm_torch_engine, n) as sgemm_torch,
+        Worker(eager_engine, settings) as eager,
+        Worker(onnx_engine, str(path), settings.crop) as onnx,
+    ):
+        for batch in settings.batches:
+            rounds = max(2, settings.rounds - 2) if batch >= 32 else settings.rounds
+            fns = {
+                "sgemm_onnxruntime": sgemm_onnx.bind(),
+                "sgemm_torch": sgemm_torch.bind(),
+                "eager": eager.bind(batch),
+                "onnxruntime": onnx.bind(batch),
+            }
+            with stage(f"model speed, batch {batch}: eager, onnxruntime and sgemm, {rounds} alternating rounds"):
+                series = alternate(fns, rounds)
+            peak_med = max(peak_flop / series[k].median for k in ("sgemm_onnxruntime", "sgemm_torch")) / 1e9
+            peak_best = max(peak_flop / series[k].best for k in ("sgemm_onnxruntime", "sgemm_torch")) / 1e9
+            eager_s, onnx_s = series["eager"], series["onnxruntime"]
+            ort_gflops = gflop * batch / onnx_s.median
+            row = {
+                "batch": batch,
+                "eager_ms": 1e3 * eager_s.median,
+                "onnxruntime_ms": 1e3 * onnx_s.median,
+                "eager_images_per_s": batch / eager_s.median,
+                "onnxruntime_images_per_s": batch / onnx_s.median,
+                "onnx_speedup_vs_eager": eager_s.median / onnx_s.median,
+                "eager_gflops": gflop * batch / eager_s.median,
+                "onnxruntime_gflops": ort_gflops,
+                "peak_gflops": peak_med,
+                "onnxruntime_fraction_of_peak": ort_gflops / peak_med,
+                # The least-disturbed run of each: what the machine does when nothing else runs.
+                "onnxruntime_fraction_of_peak_best": (gflop * batch / onnx_s.best) / peak_best,
+                "sgemm_onnxruntime_gflops": peak_flop / series["sgemm_onnxruntime"].median / 1e9,
+                "sgemm_torch_gflops": peak_flop / series["sgemm_torch"].median / 1e9,
+                "series": {k: s.to_dict() for k, s in series.items()},
+            }
+            rows.append(row)
+            table.append(
+                [
+                    batch,
+                    f"{row['eager_ms']:.0f}",
+                    f"{row['onnxruntime_ms']:.0f}",
+                    f"{row['onnx_speedup_vs_eager']:.2f}x",
+                    f"{row['onnxruntime_images_per_s']:.1f}",
+                    f"{ort_gflops:.0f}",
+                    f"{row['sgemm_onnxruntime_gflops']:.0f} / {row['sgemm_torch_gflops']:.0f}",
+                    f"{100 * row['onnxruntime_fraction_of_peak']:.0f}%",
+                    f"{100 * row['onnxruntime_fraction_of_peak_best']:.0f}%",
+                ]
+            )
+            log(f"   batch {batch}: {table[-1]}")
+    data = {
+        "arch": settings.arch,
+        "crop": settings.crop,
+        "gflop_per_image": gflop,
+        "gflop_per_image_counted": counted,
+        "sgemm_size": n,
+        "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": "default (one per core)"},
+        "rows": rows,
+    }
+    markdown = (
+        "### Model speed: PyTorch eager vs ONNX in onnxruntime "
+        f"({settings.arch}, {settings.crop}x{settings.crop}, fp32)\n\n"
+        + md_table(
+            [
+                "batch",
+                "eager ms",
+                "ONNX ms",
+                "ONNX vs eager",
+                "ONNX img/s",
+                "ONNX GFLOP/s",
+                f"sgemm {n}³ GFLOP/s (MLAS / torch.mm)",
+                "ONNX % of peak (medians)",
+                "(best runs)",
+            ],
+            table,
+        )
+        + f"\n\nMedians of {settings.rounds} alternating rounds (fewer at batch 32), each engine in its own "
+        f"process. {gflop:.3g} GFLOP per image (torch's FLOP counter: {counted:.3g}). Peak = the faster of the "
+        "two fp32 matrix multiplies, timed in the same rounds, all threads.\n"
+    )
+    return data, markdown
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    settings = Settings.make(args.quick)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data, markdown = run(settings, Path(tmp))
+    info = machine()
+    write(args.out, "model_speed", {"machine": info, **data}, machine_markdown(info) + "\n\n" + markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""All CPU benchmarks (``make bench``): model speed, where the time goes, low precision, serving.
+
+    .venv/bin/python bench/run.py                 # ResNet50-3G at 224: about 10-15 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick         # a small model on 64x64 crops: a smoke run of every part
+    .venv/bin/python bench/run.py --parts speed serving
+
+Writes ``bench.json`` (everything, with the machine's description) and ``bench.md``
+(the tables the README and docs/performance.md show) to ``--out`` (default
+``bench/results/``, ``bench/results/quick/`` with ``--quick``), plus one JSON and one
+markdown file per part. Every figure that matters is a ratio of two things measured
+side by side in this run; the targets of issue 8 are checked against those ratios.
+The GPU harness is separate: ``bench/gpu.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/run.py` from anywhere
+
+from bench import head_share, low_precision, model_speed, serving
+from bench.common import RESULTS, Settings, load_average, log, machine, machine_markdown, md_table, write
+
+PARTS = ("speed", "head", "precision", "serving")
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 8's targets against this run's ratios."""
+    out: list[dict[str, Any]] = []
+
+    def add(what: str, value: float | None, goal: float, fmt: str) -> None:
+        out.append(
+            {
+                "target": what,
+                "goal": goal,
+                "measured": value,
+                "met": value is not None and value >= goal,
+                "text": fmt.format(value) if value is not None else "not measured",
+            }
+        )
+
+    speed = results.get("speed", {}).get("rows", [])
+    by_batch = {r["batch"]: r for r in speed}
+    first, eight = by_batch.get(min(by_batch, default=0)), by_batch.get(8)
+    add("ONNX vs PyTorch eager at batch 1", first and first["onnx_speedup_vs_eager"], 1.3, "{:.2f}x")
+    add(
+        "ONNX at batch 8, fraction of the measured fp32 peak",
+        eight and eight["onnxruntime_fraction_of_peak"],
+        0.9,
+        "{:.0%}",
+    )
+    precision = results.get("precision", {})
+    add("INT8 throughput vs fp32 (onnxruntime)", precision.get("int8_speedup"), 2.0, "{:.2f}x")
+    add("INT8 top-1 agreement with fp32 (held-out images)", precision.get("int8_top1_agreement"), 0.99, "{:.1%}")
+    add(
+        "INT8 with the fc in fp32 (opt-in): top-1 agreement",
+        precision.get("int8_fc_fp32_top1_agreement"),
+        0.99,
+        "{:.1%}",
+    )
+    fractions = results.get("serving", {}).get("concurrency_4_fraction", {})
+    for key in ("grpc_tensor", "http_tensor"):
+        add(f"served / in-process at concurrency 4 ({key.replace('_', ' ')})", fractions.get(key), 0.9, "{:.0%}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small model, few rounds: checks that everything runs")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--out", type=Path, help="default: bench/results (bench/results/quick with --quick)")
+    args = p.parse_args(argv)
+    settings = Settings.make(args.quick)
+    out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    started = time.perf_counter()
+    info = machine()
+    log(machine_markdown(info))
+    results: dict[str, Any] = {}
+    sections: dict[str, str] = {}
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="threegnet-bench-") as tmp:
+        work = Path(tmp)
+        onnx_path: Path | None = None
+        for part in args.parts:
+            part_start = time.perf_counter()
+            log(f"== {part}")
+            try:
+                if part == "speed":
+                    data, md = model_speed.run(settings, work)
+                    onnx_path = work / "model.onnx"  # the fp32 export, reused by the parts below
+                elif part == "head":
+                    data, md = head_share.run(settings, work, onnx_path)
+                elif part == "precision":
+                    data, md = low_precision.run(settings, work / "precision")
+                else:
+                    data, md = serving.run(settings, work, onnx_path)
+            except Exception as e:  # one broken part must not hide the others' numbers
+                failed.append(part)
+                data, md = (
+                    {"error": f"{type(e).__name__}: {e}"},
+                    f"### {part}: failed\n\n```\n{traceback.format_exc()}```\n",
+                )
+                log(traceback.format_exc())
+            data["seconds"] = round(time.perf_counter() - part_start, 1)
+            results[part] = data
+            sections[part] = md
+            write(
+                out,
+                {"speed": "model_speed", "head": "head_share", "precision": "low_precision"}.get(part, part),
+                {"machine": info, **data},
+                md,
+            )
+            log(f"== {part}: {data['seconds']:.0f} s")
+    info["load_average_at_end"] = load_average()
+    info["seconds"] = round(time.perf_counter() - started, 1)
+    checks = targets(results)
+    target_table = md_table(
+        ["target (issue 8)", "goal", "measured", "met"],
+        [[t["target"], t["goal"], t["text"], "yes" if t["met"] else "no"] for t in checks],
+    )
+    markdown = "\n\n".join(
+        [
+            "## CPU benchmarks" + (" (quick smoke run: a small model, not the real numbers)" if args.quick else ""),
+            machine_markdown(info) + f" Load average at the end {info['load_average_at_end']}; "
+            f"the whole run took {info['seconds'] / 60:.1f} min.",
+            "### Targets\n\n" + target_table,
+            *sections.values(),
+        ]
+    )
+    write(out, "bench", {"machine": info, "quick": args.quick, "targets": checks, **results}, markdown)
+    print(markdown)
+    log(f"wrote {out / 'bench.md'} and {out / 'bench.json'} in {info['seconds']:.0f} s")
+    if failed:
+        log(f"failed parts: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
