@@ -9,6 +9,7 @@ tables show the median, and the JSON keeps the rest.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import json
@@ -348,6 +349,21 @@ def write(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> None
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (out_dir / f"{name}.md").write_text(markdown.rstrip() + "\n")
+
+
+def part_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The command line every benchmark part shares: ``--quick`` and ``--out``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a small model and few rounds: a smoke run")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
+    return p
+
+
+def report(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> None:
+    """Write a part's results beside a description of the machine, and print its tables."""
+    info = machine()
+    write(out_dir, name, {"machine": info, **data}, machine_markdown(info) + "\n\n" + markdown)
+    print(markdown)
 
 
 def log(message: str) -> None:

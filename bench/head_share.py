@@ -14,7 +14,6 @@ alternating rounds. Next to both, each part's share of the FLOPs.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import re
@@ -26,20 +25,17 @@ from typing import Any
 import onnx
 
 from bench.common import (
-    RESULTS,
     Settings,
     Worker,
     alternate,
     build_serving,
     export,
     images,
-    log,
-    machine,
-    machine_markdown,
     md_table,
     ort_session,
+    part_parser,
+    report,
     stage,
-    write,
 )
 
 # The model's parts, in forward order; the head's are the last six.
@@ -300,17 +296,12 @@ def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> tuple[
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p = part_parser(__doc__)
     args = p.parse_args()
     settings = Settings.make(args.quick)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data, markdown = run(settings, Path(tmp))
-    info = machine()
-    write(args.out, "head_share", {"machine": info, **data}, machine_markdown(info) + "\n\n" + markdown)
-    print(markdown)
-    log(f"wrote {args.out / 'head_share.md'}")
+    report(args.out, "head_share", data, markdown)
     return 0
 
 

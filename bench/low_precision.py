@@ -26,7 +26,6 @@ is trained, cheaply and honestly:
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -35,19 +34,17 @@ from typing import Any
 import numpy as np
 
 from bench.common import (
-    RESULTS,
     Settings,
     Worker,
     alternate,
     eager_engine,
     export,
     log,
-    machine,
-    machine_markdown,
     md_table,
     onnx_engine,
+    part_parser,
+    report,
     stage,
-    write,
 )
 
 CHUNK = 16  # images per forward pass when computing features and agreement
@@ -325,17 +322,13 @@ def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p = part_parser(__doc__)
     p.add_argument("--work", type=Path, help="keep the data, trained weights and ONNX files here")
     args = p.parse_args()
     settings = Settings.make(args.quick)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data, markdown = run(settings, args.work or Path(tmp))
-    info = machine()
-    write(args.out, "low_precision", {"machine": info, **data}, machine_markdown(info) + "\n\n" + markdown)
-    print(markdown)
+    report(args.out, "low_precision", data, markdown)
     return 0
 
 

@@ -11,7 +11,6 @@ is reported as a fraction of the peak measured in those same rounds.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,6 @@ import numpy as np
 
 from bench.common import (
     GFLOP_PER_IMAGE,
-    RESULTS,
     Settings,
     Worker,
     alternate,
@@ -29,12 +27,11 @@ from bench.common import (
     eager_engine,
     export,
     log,
-    machine,
-    machine_markdown,
     md_table,
     onnx_engine,
+    part_parser,
+    report,
     stage,
-    write,
 )
 
 
@@ -190,16 +187,12 @@ def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p = part_parser(__doc__)
     args = p.parse_args()
     settings = Settings.make(args.quick)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data, markdown = run(settings, Path(tmp))
-    info = machine()
-    write(args.out, "model_speed", {"machine": info, **data}, machine_markdown(info) + "\n\n" + markdown)
-    print(markdown)
+    report(args.out, "model_speed", data, markdown)
     return 0
 
 

@@ -15,7 +15,6 @@ the client's share of the CPU is measured too.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import re
@@ -30,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from bench.common import (
-    RESULTS,
     Settings,
     Worker,
     build_serving,
@@ -41,7 +39,9 @@ from bench.common import (
     machine_markdown,
     md_table,
     onnx_engine,
+    part_parser,
     percentile,
+    report,
     stage,
     write,
 )
@@ -416,10 +416,8 @@ def sweep(settings: Settings, work: Path, out: Path) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+    p = part_parser(__doc__)
     p.add_argument("--sweep", action="store_true", help="compare serving settings (slow: a server per variant)")
-    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     settings = Settings.make(args.quick)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -427,9 +425,7 @@ def main() -> int:
             sweep(settings, Path(tmp), args.out)
             return 0
         data, markdown = run(settings, Path(tmp))
-    info = machine()
-    write(args.out, "serving", {"machine": info, **data}, machine_markdown(info) + "\n\n" + markdown)
-    print(markdown)
+    report(args.out, "serving", data, markdown)
     return 0
 
 
