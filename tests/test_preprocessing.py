@@ -30,9 +30,7 @@ def noise_image(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
 
 
-@pytest.mark.parametrize(
-    "size", [(224, 224), (256, 256), (300, 200), (200, 301), (513, 257), (31, 40), (1000, 999)]
-)
+@pytest.mark.parametrize("size", [(224, 224), (256, 256), (300, 200), (200, 301), (513, 257), (31, 40), (1000, 999)])
 def test_matches_torchvision_resize_and_center_crop_exactly(size):
     img = noise_image(*size, seed=size[0])
     ref = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])(img)

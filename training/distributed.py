@@ -17,6 +17,10 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 
+class SetupError(RuntimeError):
+    """No device for this process (asked for CUDA without one, more ranks than GPUs)."""
+
+
 @dataclass(frozen=True)
 class Context:
     rank: int
@@ -51,11 +55,9 @@ def setup(device: str = "auto") -> Context:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda:
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is available")
+            raise SetupError("--device cuda: no CUDA device is available")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible on this node"
-            )
+            raise SetupError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible on this node")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

@@ -77,12 +77,8 @@ def _bar(iterable: Iterable, ctx: Context, progress: bool, desc: str, total: int
     )
 
 
-def _finish(
-    sums: Sequence[Tensor | float], seconds: float, skipped: list[Unreadable], ctx: Context
-) -> EpochStats:
-    loss, correct1, correct5, n, n_skipped = all_reduce_sum(
-        [float(s) for s in sums] + [float(len(skipped))], ctx
-    )
+def _finish(sums: Sequence[Tensor | float], seconds: float, skipped: list[Unreadable], ctx: Context) -> EpochStats:
+    loss, correct1, correct5, n, n_skipped = all_reduce_sum([float(s) for s in sums] + [float(len(skipped))], ctx)
     n = max(n, 1.0)
     return EpochStats(
         loss=loss / n,
@@ -152,9 +148,7 @@ def train_one_epoch(
             n += len(batch)
             if step % _REFRESH_STEPS == 0 or step == total - 1:
                 if bad.item() and amp != "fp16":
-                    raise FloatingPointError(
-                        f"{desc}: the loss became inf or nan by step {step} (try a lower --lr)"
-                    )
+                    raise FloatingPointError(f"{desc}: the loss became inf or nan by step {step} (try a lower --lr)")
                 rate = n * ctx.world_size / (time.perf_counter() - start)
                 bar.set_postfix(
                     loss=f"{loss_sum.item() / n:.3f}",

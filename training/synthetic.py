@@ -16,6 +16,7 @@ The same arguments give byte-identical files on every run.
 from __future__ import annotations
 
 import argparse
+import colorsys
 import shutil
 import sys
 from collections.abc import Sequence
@@ -64,14 +65,16 @@ CLASSES: tuple[TextureClass, ...] = (
     TextureClass("vertical_fine", (Band(7, (90,)),)),
     TextureClass("diagonal_coarse", (Band(18, (45, 135)),)),
     TextureClass("crosshatch", (Band(10, (0,)), Band(10, (90,)))),
-    TextureClass("isotropic_grain", (Band(5, None, bandwidth=0.7),)),
-    TextureClass("maze", (Band(9, None, bandwidth=0.12),)),
-    TextureClass("red_green_blobs", (Band(24, None, 0.5, "red_green"), Band(24, None, 0.5, "luma", 0.7))),
-    TextureClass("blue_yellow_blobs", (Band(24, None, 0.5, "blue_yellow"), Band(24, None, 0.5, "luma", 0.7))),
+    TextureClass("isotropic_grain", (Band(5, bandwidth=0.7),)),
+    TextureClass("maze", (Band(9, bandwidth=0.12),)),
+    TextureClass("red_green_blobs", (Band(24, bandwidth=0.5, axis="red_green"), Band(24, bandwidth=0.5, weight=0.7))),
+    TextureClass(
+        "blue_yellow_blobs", (Band(24, bandwidth=0.5, axis="blue_yellow"), Band(24, bandwidth=0.5, weight=0.7))
+    ),
     TextureClass("horizontal_coarse", (Band(20, (0,)),)),
     TextureClass("vertical_coarse", (Band(20, (90,)),)),
     TextureClass("diagonal_fine", (Band(6, (45, 135)),)),
-    TextureClass("grey_blobs", (Band(24, None, 0.5),)),
+    TextureClass("grey_blobs", (Band(24, bandwidth=0.5),)),
 )
 CLASS_NAMES = tuple(c.name for c in CLASSES)
 REFERENCE_SIZE = 128  # periods scale with the image size, so a 64 px dataset looks like a 128 px one
@@ -98,13 +101,9 @@ def _band_noise(rng: np.random.Generator, size: int, band: Band) -> np.ndarray:
 
 
 def _mean_colour(rng: np.random.Generator) -> np.ndarray:
-    """A pleasant random mean colour (HSV with moderate saturation and value), 0-255."""
+    """A pleasant random mean colour (any hue, moderate saturation and value), 0-255."""
     h, s, v = rng.uniform(0, 1), rng.uniform(0.2, 0.55), rng.uniform(0.45, 0.72)
-    i = int(h * 6) % 6
-    f = h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
-    return np.array(rgb) * 255.0
+    return np.array(colorsys.hsv_to_rgb(h, s, v)) * 255.0
 
 
 def render(cls: TextureClass, size: int, rng: np.random.Generator) -> np.ndarray:
