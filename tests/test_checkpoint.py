@@ -14,11 +14,9 @@ def released_checkpoint(path, arch="resnet18_3g", num_classes=1000, **model_kwar
     """A file in the authors' format: DataParallel keys, the released dict entries."""
     torch.manual_seed(0)
     model = create_model(arch, num_classes=num_classes, **model_kwargs)
-    dp = torch.nn.DataParallel(model)
-    torch.save(
-        {"epoch": 115, "arch": arch.removesuffix("_3g"), "state_dict": dp.state_dict(), "best_prec1": 78.66},
-        path,
-    )
+    # What DataParallel's state_dict() gives (DataParallel itself would move the model to a GPU if any).
+    state_dict = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 115, "arch": arch.removesuffix("_3g"), "state_dict": state_dict, "best_prec1": 78.66}, path)
     return model.eval()
 
 

@@ -215,18 +215,24 @@ def test_int8_keeps_the_second_order_head_and_softmax_in_fp32(tiny_checkpoint, t
     assert meta["precision"] == "int8"
 
 
-def test_fp16_keeps_the_second_order_head_in_fp32(tiny_checkpoint, tmp_path):
+def test_fp16_keeps_the_head_in_fp32(tiny_checkpoint, tmp_path):
     repo = tmp_path / "repo"
     result = run_export("--checkpoint", str(tiny_checkpoint), "--output-dir", str(repo), "--precision", "fp16")
     assert result.returncode == 0, result.stderr
     assert "fp16 ONNX vs PyTorch fp32" in result.stderr
     model = onnx.shape_inference.infer_shapes(onnx.load(str(repo / "threegnet" / "1" / "model.onnx")))
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+
+    def in_head(node: onnx.NodeProto) -> bool:
+        return any(p.key == "namespace" and "model.head" in p.value for p in node.metadata_props)
+
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    assert all(types.get(n.output[0]) == onnx.TensorProto.FLOAT16 for n in convs)
+    backbone, head = [n for n in convs if not in_head(n)], [n for n in convs if in_head(n)]
+    assert backbone and all(types.get(n.output[0]) == onnx.TensorProto.FLOAT16 for n in backbone)
+    assert head and all(types.get(n.output[0]) == onnx.TensorProto.FLOAT for n in head)
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
     assert len(matmuls) == 13 and all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in matmuls)
-    assert types["probabilities"] == types["logits"] == onnx.TensorProto.FLOAT
+    assert types["probabilities"] == types["logits"] == types["weight_map"] == onnx.TensorProto.FLOAT
 
 
 def test_tensorrt_flag_adds_the_fp16_accelerator(tiny_checkpoint, tmp_path):

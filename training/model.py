@@ -69,7 +69,9 @@ class ThreeGNet(ResNet):
 
     def forward_with_weights(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Logits and the last re-weighting stage's per-position weights ``(B, 1, h, w)``."""
-        descriptor, weights = self.head(self.forward_features(x))
+        features = self.forward_features(x)
+        # A half-precision backbone may feed an fp32 head (export/precision.py): follow the head's dtype.
+        descriptor, weights = self.head(features.to(self.head.layer_reduce.weight.dtype))
         return self.fc(descriptor), weights
 
     def forward(self, x: Tensor) -> Tensor:

@@ -61,12 +61,18 @@ class GlobalGaussianHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """ResNet's initialization, except that each stage's last weight conv starts at zero.
+        """ResNet's initialization, except for each stage's weight branch, which starts
+        from nearly uniform weights near 0.88.
 
         Kaiming-initialized, the weight branch drives the sigmoid into saturation
         (weights of 0 or 1 at most positions), which all but stops learning on small
-        data. At zero every stage starts from uniform weights (w = 1/2: plain covariance
-        pooling) and learns to re-weight. Released checkpoints overwrite all of this.
+        data. With ``atmap2`` at zero every weight would be 1/2 and each stage would
+        halve the features: three stages start 8x smaller than none, and the fc learns
+        that much slower (docs/training.md). Instead ``atmap3`` starts at zero and
+        ``atmap2`` at a constant that puts ``sigmoid`` near 2 on average (the ReLU'd,
+        batch-normalized hidden units average ~0.4): the stage starts close to plain
+        covariance pooling, unsaturated, and learns to re-weight. Released checkpoints
+        overwrite all of this.
         """
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -75,7 +81,9 @@ class GlobalGaussianHead(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for stage in self.stages():
-            nn.init.zeros_(stage.atmap2.weight)
+            hidden = stage.atmap2.in_channels
+            nn.init.constant_(stage.atmap2.weight, 2.0 / (0.4 * hidden))
+            nn.init.zeros_(stage.atmap3.weight)
 
     @property
     def out_features(self) -> int:
