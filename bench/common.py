@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -364,6 +365,15 @@ def report(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> Non
     info = machine()
     write(out_dir, name, {"machine": info, **data}, machine_markdown(info) + "\n\n" + markdown)
     print(markdown)
+
+
+def run_part(name: str, doc: str | None, run: Callable[[Settings, Path], tuple[dict[str, Any], str]]) -> int:
+    """``main()`` of a part with only the shared flags: run it in a scratch folder and report."""
+    args = part_parser(doc).parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data, markdown = run(Settings.make(args.quick), Path(tmp))
+    report(args.out, name, data, markdown)
+    return 0
 
 
 def log(message: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import json
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,7 @@ from bench.common import (
     images,
     md_table,
     ort_session,
-    part_parser,
-    report,
+    run_part,
     stage,
 )
 
@@ -296,13 +294,7 @@ def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> tuple[
 
 
 def main() -> int:
-    p = part_parser(__doc__)
-    args = p.parse_args()
-    settings = Settings.make(args.quick)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data, markdown = run(settings, Path(tmp))
-    report(args.out, "head_share", data, markdown)
-    return 0
+    return run_part("head_share", __doc__, run)
 
 
 if __name__ == "__main__":

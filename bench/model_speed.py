@@ -11,7 +11,6 @@ is reported as a fraction of the peak measured in those same rounds.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,7 @@ from bench.common import (
     log,
     md_table,
     onnx_engine,
-    part_parser,
-    report,
+    run_part,
     stage,
 )
 
@@ -187,13 +185,7 @@ def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
 
 
 def main() -> int:
-    p = part_parser(__doc__)
-    args = p.parse_args()
-    settings = Settings.make(args.quick)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data, markdown = run(settings, Path(tmp))
-    report(args.out, "model_speed", data, markdown)
-    return 0
+    return run_part("model_speed", __doc__, run)
 
 
 if __name__ == "__main__":

@@ -312,9 +312,17 @@ def run(
         rows, wire = measure(server, onnx_path, settings, tensors, blobs, seconds, warmup, combos)
     finally:
         server.stop()
-    from export.triton_config import MAX_BATCH_SIZE, PREPROCESS_INSTANCES, QUEUE_DELAY_US
+    from export.triton_config import (
+        INTRA_OP_THREADS,
+        MAX_BATCH_SIZE,
+        MODEL_INSTANCES,
+        PREPROCESS_INSTANCES,
+        QUEUE_DELAY_US,
+    )
 
     shipped = {
+        "instances": MODEL_INSTANCES,
+        "intra_op_threads": INTRA_OP_THREADS,
         "max_batch_size": MAX_BATCH_SIZE,
         "queue_delay_us": QUEUE_DELAY_US,
         "preprocess_instances": PREPROCESS_INSTANCES,
@@ -361,7 +369,7 @@ def run(
         + md_table(["protocol / input", "request bytes", "response bytes"], wire_table)
         + f"\n\nClosed loop, one image per request; per row {WINDOWS} windows of {seconds / WINDOWS:.0f} s (each after "
         f"{warmup:.0f} s of warm-up), each followed by {seconds / WINDOWS / 2:.0f} s of in-process runs. "
-        f"Server settings: {json.dumps(shipped)} (intra-op threads: see `export/triton_config.py`). "
+        f"Server settings: {json.dumps(shipped)} (intra-op threads 0: the cores shared out among the instances). "
         "The server runs the ONNX model through the python-backend stand-in (`serve/triton_models/onnx_standin.py`): "
         "this Triton build has no onnxruntime backend.\n"
     )
@@ -380,8 +388,8 @@ def run(
 SWEEP: tuple[dict[str, Any], ...] = (
     {},
     {"queue_delay_us": 10000},
-    {"queue_delay_us": 25000},
-    {"instances": 2, "intra_op_threads": 1},
+    {"instances": 2},  # intra-op threads 0: the cores shared out, 1 thread each here
+    {"instances": 2, "intra_op_threads": 2},  # what Triton's onnxruntime backend does with 0
 )
 
 

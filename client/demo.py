@@ -19,6 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -212,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"demo backed by Triton at {classifier.where}, {len(examples)} example image(s)", file=sys.stderr)
     if args.share:
         print("--share: the page will be reachable by anyone with the link", file=sys.stderr)
+    # A shell script's background job starts with SIGINT ignored; Ctrl-C or `kill -INT` must still stop the demo.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     app = build_app(classifier, examples)
     app.queue(default_concurrency_limit=args.concurrency, max_size=64)
     app.launch(

@@ -36,7 +36,7 @@ from export.onnx_graph import (
 from export.precision import PRECISIONS, half_precision, quantize_int8
 from export.repository import RepositoryError, check_writable, choose_version, write_repository
 from export.serving_model import ServingModel
-from export.triton_config import MAX_BATCH_SIZE, ModelSpec
+from export.triton_config import INTRA_OP_THREADS, MAX_BATCH_SIZE, MODEL_INSTANCES, ModelSpec
 from export.verify import VerificationError, VerificationReport, check, compare
 from training.checkpoint import CheckpointError, load_model, sha256sum
 from training.model import ARCHS
@@ -75,9 +75,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, default=64, help="images read from each folder at most (default: 64)")
     p.add_argument("--tensorrt-fp16", action="store_true", help="add the TensorRT FP16 accelerator (GPU deployments)")
     p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help=f"default: {MAX_BATCH_SIZE}")
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=MODEL_INSTANCES,
+        help=f"model instances (per GPU on GPUs; default: {MODEL_INSTANCES}; 2 on GPUs or contended CPUs)",
+    )
+    p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=INTRA_OP_THREADS,
+        help="onnxruntime threads per instance (default: 0 = the cores shared out among the instances)",
+    )
     p.add_argument("--version", type=int, help="version number to write (default: the next free one)")
     p.add_argument("--force", action="store_true", help="replace an existing version (default: the latest)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_batch_size < 1 or args.instances < 1 or args.intra_op_threads < 0:
+        p.error("--max-batch-size and --instances must be >= 1, --intra-op-threads >= 0")
+    return args
 
 
 def read_images(folder: Path, pp: Preprocessing, limit: int) -> np.ndarray:
@@ -211,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
             parameters=common,
             max_batch_size=args.max_batch_size,
             tensorrt_fp16=args.tensorrt_fp16,
+            instances=args.instances,
+            intra_op_threads=args.intra_op_threads,
         )
         written = write_repository(output_dir, spec, final, labels, pp.to_dict(), version)
 

@@ -31,15 +31,18 @@ MAX_BATCH_SIZE = 32
 # What 10 ms does cost is 10 ms on a request that arrives alone (~10% of one CPU inference here,
 # more than a whole GPU inference: 7.5 ms on an H100 at any batch up to 16). So 2 ms.
 QUEUE_DELAY_US = 2000
-# Model instances, each with its own onnxruntime session. Measured on the 2-core machine shared with
-# the load generator and other work (bench/serving.py --sweep): 2 instances x 1 thread served 1.45-1.6x
-# the images/s of one 2-thread session, because a 2-thread operator stalls whenever either core is
-# taken by something else, while two 1-thread sessions keep whichever core is free busy. On a GPU two
-# instances overlap one request's host work with the other's kernels (Triton's usual advice).
-MODEL_INSTANCES = 2
-# onnxruntime intra-op threads per instance; 0 = the machine's cores shared out among the instances
-# (the python-backend stand-in applies that rule at load time; Triton's onnxruntime backend reads 0 as
-# "all cores", so set it to cores / instances for a CPU-only deployment in NVIDIA's container).
+# Model instances, each with its own onnxruntime session (to_onnx.py --instances). One session with
+# all the cores is what in-process onnxruntime runs, and on an idle 2-core machine it served 88-97% of
+# in-process at concurrency 1-16 where 2 instances x 1 thread served 52-104% (one request at a time
+# uses one core; bench/serving.py --sweep, docs/performance.md section 4). Two instances pay off where
+# the cores are contended: on this machine shared with busy co-tenants (load 3-4), 2 x 1 thread served
+# 1.45-1.6x one 2-thread session, which stalls whenever either core is taken. On a GPU, Triton creates
+# this many instances per GPU; 2 overlap one request's host work with the other's kernels.
+MODEL_INSTANCES = 1
+# onnxruntime intra-op threads per instance (to_onnx.py --intra-op-threads); 0 = the machine's cores
+# shared out among the instances (the python-backend stand-in applies that rule at load time; Triton's
+# onnxruntime backend reads 0 as "all cores", so with several instances on a CPU-only deployment in
+# NVIDIA's container give cores / instances).
 INTRA_OP_THREADS = 0
 # Decoding + resizing + cropping is single-threaded Pillow work (0.3 ms for the benchmark's 256x256
 # JPEGs, more for camera-sized ones): two instances, one per core, so a burst of large uploads is
@@ -58,6 +61,8 @@ class ModelSpec:
     parameters: dict[str, Any] = field(default_factory=dict)  # recorded in every config
     max_batch_size: int = MAX_BATCH_SIZE
     tensorrt_fp16: bool = False
+    instances: int = MODEL_INSTANCES
+    intra_op_threads: int = INTRA_OP_THREADS
 
     @property
     def preprocess_name(self) -> str:
@@ -103,7 +108,7 @@ def onnx_model_config(spec: ModelSpec) -> mc.ModelConfig:
         input=[_tensor("image", mc.TYPE_UINT8, [spec.crop, spec.crop, 3])],
         output=_outputs(spec),
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=QUEUE_DELAY_US),
-        instance_group=[mc.ModelInstanceGroup(count=MODEL_INSTANCES)],
+        instance_group=[mc.ModelInstanceGroup(count=spec.instances)],
         model_warmup=[
             mc.ModelWarmup(
                 name="zeros",
@@ -123,7 +128,7 @@ def onnx_model_config(spec: ModelSpec) -> mc.ModelConfig:
         trt.parameters["trt_engine_cache_enable"] = "1"
         trt.parameters["trt_engine_cache_path"] = "/tmp/triton_trt_cache"
     _parameters(
-        cfg, {**spec.parameters, "image_model": spec.image_name, "intra_op_thread_count": str(INTRA_OP_THREADS)}
+        cfg, {**spec.parameters, "image_model": spec.image_name, "intra_op_thread_count": str(spec.intra_op_threads)}
     )
     return cfg
 

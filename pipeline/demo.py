@@ -182,11 +182,20 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is None:
                 if not interrupted:  # else it got the terminal's Ctrl-C already; a second would force it
                     proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop(proc, timeout=60 if proc is server else 10)
         log("stopped")
+
+
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait for a child told to stop; then SIGTERM it, and SIGKILL it as the last resort."""
+    for send in (None, proc.terminate, proc.kill):
+        if send is not None:
+            send()
+        try:
+            proc.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            timeout = 5
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def test_repository_layout_and_configs(model_repository):
     assert [i.name for i in raw.input] == ["image"] and list(raw.input[0].dims) == [64, 64, 3]
     assert [o.name for o in raw.output] == ["probabilities", "logits", "weight_map"]
     assert raw.output[0].label_filename == "labels.txt"
-    assert raw.model_warmup and raw.instance_group[0].count == 2
+    assert raw.model_warmup and raw.instance_group[0].count == 1 and not raw.instance_group[0].kind
     assert json.loads(raw.parameters["preprocessing"].string_value)["crop"] == 64
     ens = parse_pbtxt((model_repository / "threegnet_image" / "config.pbtxt").read_text())
     assert ens.platform == "ensemble"
@@ -233,6 +233,15 @@ def test_fp16_keeps_the_head_in_fp32(tiny_checkpoint, tmp_path):
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
     assert len(matmuls) == 13 and all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in matmuls)
     assert types["probabilities"] == types["logits"] == types["weight_map"] == onnx.TensorProto.FLOAT
+
+
+def test_instances_and_threads_flags_reach_the_config(tiny_checkpoint, tmp_path):
+    args = ["--checkpoint", str(tiny_checkpoint), "--output-dir", str(tmp_path)]
+    assert export_main([*args, "--instances", "2", "--intra-op-threads", "4"]) == 0
+    raw = parse_pbtxt((tmp_path / "threegnet" / "config.pbtxt").read_text())
+    assert raw.instance_group[0].count == 2 and raw.parameters["intra_op_thread_count"].string_value == "4"
+    result = run_export(*args, "--instances", "0")
+    assert result.returncode == 2 and "--instances must be >= 1" in result.stderr
 
 
 def test_tensorrt_flag_adds_the_fp16_accelerator(tiny_checkpoint, tmp_path):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 from conftest import ROOT
@@ -38,3 +42,30 @@ def test_demo_pipeline_headless(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     for reused in ("reusing the built-in data", "reusing " + str(runs / "model_best.pth.tar"), "reusing the export"):
         assert reused in again.stderr
+
+    # The interactive demo: Triton and Gradio up, then one SIGINT to the process group (a terminal's
+    # Ctrl-C) stops everything. Started with SIGINT ignored, as a shell script's background job is.
+    demo_port = str(free_port())
+    log = tmp_path / "demo.log"
+    interactive = [c for c in cmd if c != "--headless"] + ["--demo-port", demo_port]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            interactive, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while "[demo] ready in" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{demo_port}/", timeout=10) as page:
+            assert page.status == 200
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "Triton stopped." in log.read_text() and "[demo] stopped" in log.read_text()
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # nothing of the group outlives it
+        os.killpg(proc.pid, 0)
