@@ -12,7 +12,9 @@ import urllib.request
 
 import pytest
 from conftest import ROOT
+from test_checkpoint import released_checkpoint
 
+from export.labels import imagenet_labels
 from serve.server import free_port
 
 
@@ -69,3 +71,26 @@ def test_demo_pipeline_headless(tmp_path):
     time.sleep(1)
     with pytest.raises(ProcessLookupError):  # nothing of the group outlives it
         os.killpg(proc.pid, 0)
+
+
+@pytest.mark.slow
+def test_demo_pipeline_serves_a_released_checkpoint(tmp_path):
+    """make demo CHECKPOINT=...: no training; the released weights are exported and served with ImageNet labels."""
+    checkpoint = tmp_path / "ResNet18-3G-ImageNet.pth.tar"
+    released_checkpoint(checkpoint, "resnet18_3g", 1000)
+    data, runs, repo = tmp_path / "data", tmp_path / "runs", tmp_path / "model_repository"
+    ports = [str(free_port()) for _ in range(3)]
+    cmd = [
+        sys.executable, str(ROOT / "pipeline" / "demo.py"), "--headless", "--tiny", "--checkpoint", str(checkpoint),
+        "--data-dir", str(data), "--run-dir", str(runs), "--model-repository", str(repo),
+        "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not runs.exists() and "training/train.py" not in result.stderr
+    assert "resnet18_3g, 1000 classes (released checkpoint); labels from ImageNet-1K" in result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == sum(1 for p in (data / "val").rglob("*") if p.is_file())
+    names = imagenet_labels()
+    for line in lines:
+        assert [names[k["index"]] for k in line["top_k"]] == [k["label"] for k in line["top_k"]], line
