@@ -380,6 +380,20 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def entry(main: Callable[[], int]) -> None:
+    """Run a benchmark's ``main`` as a program that owns what it starts: SIGINT, SIGTERM and
+    SIGHUP unwind it (servers and worker processes stop through their context managers)."""
+    from serve.children import Stopped, raise_on_stop_signals
+
+    raise_on_stop_signals()
+    try:
+        code = main()
+    except Stopped as e:
+        log(f"{e}: stopped")
+        code = 128 + e.signum
+    raise SystemExit(code)
+
+
 @contextlib.contextmanager
 def stage(what: str) -> Iterator[None]:
     start = time.perf_counter()

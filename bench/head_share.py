@@ -28,6 +28,7 @@ from bench.common import (
     Worker,
     alternate,
     build_serving,
+    entry,
     export,
     images,
     md_table,
@@ -298,4 +299,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry(main)

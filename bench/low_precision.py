@@ -38,6 +38,7 @@ from bench.common import (
     Worker,
     alternate,
     eager_engine,
+    entry,
     export,
     log,
     md_table,
@@ -333,4 +334,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry(main)

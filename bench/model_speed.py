@@ -24,6 +24,7 @@ from bench.common import (
     alternate,
     build_serving,
     eager_engine,
+    entry,
     export,
     log,
     md_table,
@@ -189,4 +190,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry(main)

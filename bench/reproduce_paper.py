@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
+from bench.common import entry
 from training import distributed
 from training.data import ImageFolderData, check_classes, collate_skipping, eval_transform, train_transform
 from training.engine import evaluate, train_one_epoch
@@ -179,4 +180,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main)

@@ -32,6 +32,7 @@ from bench.common import (
     Settings,
     Worker,
     build_serving,
+    entry,
     export,
     images,
     log,
@@ -55,22 +56,25 @@ WINDOWS = 2  # served / in-process alternations per row
 def make_repository(onnx_path: Path, settings: Settings, repo: Path, overrides: dict[str, Any] | None = None) -> Path:
     """The repository ``export/to_onnx.py`` writes (same config builders), optionally with the
     serving settings changed (for ``--sweep``): ``queue_delay_us``, ``instances``,
-    ``intra_op_threads``, ``preprocess_instances``."""
+    ``intra_op_threads``, ``preprocess_instances``; and the admission control
+    (``bench/overload.py``): ``queue_timeout_ms``, ``max_queue_size``."""
     from export.repository import write_repository
     from export.triton_config import ModelSpec, parse_pbtxt, to_pbtxt
     from training.preprocessing import Preprocessing
 
     pp = Preprocessing(resize=settings.resize, crop=settings.crop)
+    overrides = overrides or {}
+    admission = {k: int(overrides[k]) for k in ("queue_timeout_ms", "max_queue_size") if k in overrides}
     spec = ModelSpec(
         name=MODEL,
         num_classes=settings.num_classes,
         crop=settings.crop,
         weight_map_shape=(settings.crop // 16, settings.crop // 16),
         parameters={"arch": settings.arch, "num_classes": settings.num_classes, "preprocessing": pp.to_dict()},
+        **admission,
     )
     labels = [f"class_{i}" for i in range(settings.num_classes)]
     write_repository(repo, spec, onnx_path, labels, pp.to_dict(), version=1)
-    overrides = overrides or {}
     for model, keys in (
         (MODEL, ("queue_delay_us", "instances", "intra_op_threads")),
         (spec.preprocess_name, ("preprocess_instances",)),
@@ -438,4 +442,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry(main)

@@ -213,8 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"demo backed by Triton at {classifier.where}, {len(examples)} example image(s)", file=sys.stderr)
     if args.share:
         print("--share: the page will be reachable by anyone with the link", file=sys.stderr)
-    # A shell script's background job starts with SIGINT ignored; Ctrl-C or `kill -INT` must still stop the demo.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Ctrl-C, `kill -INT` (even in a background job, which starts with SIGINT ignored), SIGTERM and SIGHUP
+    # all close the server the same way: as a KeyboardInterrupt in Gradio's main loop.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, signal.default_int_handler)
     app = build_app(classifier, examples)
     app.queue(default_concurrency_limit=args.concurrency, max_size=64)
     app.launch(

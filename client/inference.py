@@ -5,14 +5,16 @@ top of it, the same way for HTTP and gRPC: finding the image-bytes ensemble and 
 raw-tensor model from each other's config ``parameters`` (``image_model`` /
 ``tensor_model``), reading the preprocessing record for local preprocessing, top-k
 answers through Triton's classification extension, the optional ``weight_map``
-output, retries with backoff on connection errors, timeouts, and three errors a
-user can act on: :class:`ServerUnreachable`, :class:`ModelUnavailable` and
-:class:`RequestFailed`.
+output, retries with backoff and jitter on what passes (a connection error, a
+server refusing work because its queue is full, a model being reloaded), timeouts,
+and four errors a user can act on: :class:`ServerUnreachable`,
+:class:`ModelUnavailable`, :class:`ServerOverloaded` and :class:`RequestFailed`.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +50,15 @@ class ModelUnavailable(ClientError):
 
 class RequestFailed(ClientError):
     """The server refused or failed one request (a bad image, a timeout); others may succeed."""
+
+
+class ServerOverloaded(RequestFailed):
+    """The server shed the request (its queue was full, or the request waited past the queue
+    timeout: gRPC UNAVAILABLE, HTTP 503), also after the retries. Later requests may pass."""
+
+
+# What Triton's admission control says (config.pbtxt default_queue_policy): queue full, queue timeout.
+OVERLOAD_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
 
 
 def default_url(protocol: str) -> str:
@@ -120,9 +131,13 @@ def _parameters(config: dict[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
 
+def _is_overloaded(e: BaseException) -> bool:
+    return isinstance(e, InferenceServerException) and any(m in (e.message() or "") for m in OVERLOAD_MESSAGES)
+
+
 def _is_connection_error(e: BaseException) -> bool:
     if isinstance(e, InferenceServerException):
-        return e.status() == "StatusCode.UNAVAILABLE"
+        return e.status() == "StatusCode.UNAVAILABLE" and not _is_overloaded(e)
     return isinstance(e, OSError) and not isinstance(e, TimeoutError)
 
 
@@ -191,9 +206,11 @@ class TritonClassifier:
         return client
 
     def _call(self, what: str, fn: Callable[..., T]) -> T:
-        """``fn(client, **timeout)`` on this thread's client; retry connection errors with
-        exponential backoff, then raise :class:`ServerUnreachable`; other failures raise
-        :class:`RequestFailed` with the server's message."""
+        """``fn(client, **timeout)`` on this thread's client. What passes is retried with
+        exponential backoff and jitter: connection errors (then :class:`ServerUnreachable`),
+        overload refusals (then :class:`ServerOverloaded`) and a model missing while the
+        server reloads it (then :class:`ModelUnavailable`). Other failures raise
+        :class:`RequestFailed` with the server's message at once."""
         timeout = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}  # HTTP: set on the client
         attempt = 0
         while True:
@@ -202,18 +219,33 @@ class TritonClassifier:
             except (InferenceServerException, OSError) as e:
                 if _is_timeout(e):
                     raise RequestFailed(f"{what}: no answer from {self.where} within {self.timeout:g} s") from None
-                if _is_model_missing(e):
-                    raise ModelUnavailable(f"{what} at {self.where}: {_message(e)}") from None
-                if not _is_connection_error(e):
+                tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
+                if _is_overloaded(e):
+                    if attempt == self.retries:
+                        raise ServerOverloaded(
+                            f"{what}: the server at {self.where} is overloaded and refused the request "
+                            f"({_message(e)}; {tries}); try again later or send less at once"
+                        ) from None
+                elif _is_model_missing(e):
+                    if attempt == self.retries:
+                        raise ModelUnavailable(f"{what} at {self.where}: {_message(e)}") from None
+                elif not _is_connection_error(e):
                     raise RequestFailed(_message(e)) from None
-                if attempt == self.retries:
+                elif attempt == self.retries:
                     raise ServerUnreachable(
-                        f"cannot reach Triton at {self.where}: {_message(e)} "
-                        "(is the server running? python serve/launch.py --model-repository DIR)"
+                        f"cannot reach Triton at {self.where}: {_message(e)} ({tries}; "
+                        "is the server running? python serve/launch.py --model-repository DIR)"
                     ) from None
-            self._local.client = None  # a fresh connection for the retry
-            time.sleep(self.backoff * 2**attempt)
+                else:
+                    self._local.client = None  # a fresh connection for the retry
+            time.sleep(self.retry_delay(attempt))
             attempt += 1
+
+    def retry_delay(self, attempt: int) -> float:
+        """Exponential backoff with jitter: half fixed, half random, so that clients refused
+        together do not come back together."""
+        delay = self.backoff * 2**attempt
+        return delay / 2 + random.uniform(0, delay / 2)
 
     # -- discovery -------------------------------------------------------------------------
     def health(self) -> ServerHealth:

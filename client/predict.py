@@ -12,8 +12,9 @@ input on stdout: {"path", "top_k": [{"index", "label", "probability"}...]} or
 {"path", "error"}.
 
 Exit status: 0 every input classified; 1 some input missing, unreadable or not an
-image (the others are still classified); 2 server unreachable, model missing or
-not ready (also when either goes away during the run), or bad arguments.
+image, or refused by an overloaded server after the retries (the others are still
+classified); 2 server unreachable, model missing or not ready (also when either goes
+away during the run), or bad arguments.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from client.inference import (
     ModelUnavailable,
     Prediction,
     RequestFailed,
+    ServerOverloaded,
     TritonClassifier,
 )
 from training.preprocessing import ImageError, Preprocessing, load_and_preprocess
@@ -96,7 +98,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=_at_least(1), default=4, help="requests in flight (default 4)")
     p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for one answer (default 60)")
     p.add_argument(
-        "--retries", type=_at_least(0), default=3, help="retries on connection errors, with backoff (default 3)"
+        "--retries",
+        type=_at_least(0),
+        default=3,
+        help="retries on connection errors and overload refusals, with backoff and jitter (default 3)",
     )
     return p.parse_args(argv)
 
@@ -108,13 +113,16 @@ def _load(path: Path, pp: Preprocessing | None) -> bytes | np.ndarray:
 
 def _classify(classifier: TritonClassifier, items: list[tuple[str, bytes | np.ndarray]], top_k: int) -> list[Outcome]:
     """One request for ``items``; if the server rejects it, each item alone, so that one
-    bad image costs only its own answer."""
+    bad image costs only its own answer. A request still refused for overload after the
+    client's retries fails its items (sending them one by one would only add load)."""
     payloads = [data for _, data in items]
     try:
         if isinstance(payloads[0], bytes):
             answers = classifier.classify_bytes(payloads, top_k)  # type: ignore[arg-type]
         else:
             answers = classifier.classify_tensors(np.stack(payloads), top_k)
+    except ServerOverloaded as e:
+        return [Outcome(path, error=str(e)) for path, _ in items]
     except RequestFailed as e:
         if len(items) == 1:
             return [Outcome(items[0][0], error=str(e))]

@@ -14,6 +14,7 @@ appears complete or not at all.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 import tempfile
@@ -62,14 +63,29 @@ def check_writable(directory: Path) -> None:
         raise RepositoryError(f"cannot write to {directory}: {e.strerror or e}") from None
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write atomically; leave an identical file alone (a serving launcher reloads what changes)."""
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
+def _same_files(a: Path, b: Path) -> bool:
+    """Two flat folders with the same file names and contents."""
+    if not b.is_dir():
+        return False
+    names = sorted(p.name for p in a.iterdir())
+    if names != sorted(p.name for p in b.iterdir() if p.name != "__pycache__"):
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
 def _install_dir(staged: Path, target: Path) -> None:
-    """Move a complete directory into place, replacing ``target`` if it exists."""
+    """Move a complete directory into place, replacing ``target`` if it exists (and differs)."""
+    if _same_files(staged, target):
+        return
     incoming = target.with_name(f".incoming-{target.name}")
     shutil.rmtree(incoming, ignore_errors=True)
     shutil.copytree(staged, incoming)
@@ -100,8 +116,8 @@ def write_repository(
         (staged / "version").mkdir()
         shutil.copy2(onnx_file, staged / "version" / "model.onnx")
         _install_dir(staged / "version", model_dir / str(version))
-        _write_text(model_dir / LABELS_FILE, labels_text)
-        _write_text(model_dir / "config.pbtxt", to_pbtxt(onnx_config(spec)))
+        write_text_atomic(model_dir / LABELS_FILE, labels_text)
+        write_text_atomic(model_dir / "config.pbtxt", to_pbtxt(onnx_config(spec)))
 
         pre_dir = output_dir / spec.preprocess_name
         pre_dir.mkdir(exist_ok=True)
@@ -109,10 +125,10 @@ def write_repository(
         shutil.copy2(PREPROCESS_MODEL, staged / "pre" / "model.py")
         shutil.copy2(PREPROCESSING_MODULE, staged / "pre" / "threegnet_preprocessing.py")
         _install_dir(staged / "pre", pre_dir / "1")
-        _write_text(pre_dir / "config.pbtxt", to_pbtxt(preprocess_model_config(spec, preprocessing)))
+        write_text_atomic(pre_dir / "config.pbtxt", to_pbtxt(preprocess_model_config(spec, preprocessing)))
 
         ens_dir = output_dir / spec.image_name
         (ens_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version dir, even empty
-        _write_text(ens_dir / LABELS_FILE, labels_text)
-        _write_text(ens_dir / "config.pbtxt", to_pbtxt(ensemble_config(spec)))
+        write_text_atomic(ens_dir / LABELS_FILE, labels_text)
+        write_text_atomic(ens_dir / "config.pbtxt", to_pbtxt(ensemble_config(spec)))
     return {"model": model_dir, "preprocess": pre_dir, "ensemble": ens_dir}

@@ -36,7 +36,16 @@ from export.onnx_graph import (
 from export.precision import PRECISIONS, half_precision, quantize_int8
 from export.repository import RepositoryError, check_writable, choose_version, write_repository
 from export.serving_model import ServingModel
-from export.triton_config import INTRA_OP_THREADS, MAX_BATCH_SIZE, MODEL_INSTANCES, ModelSpec
+from export.triton_config import (
+    INTRA_OP_THREADS,
+    MAX_BATCH_SIZE,
+    MAX_QUEUE_SIZE,
+    MODEL_INSTANCES,
+    QUEUE_TIMEOUT_MS,
+    VERSION_POLICY,
+    ModelSpec,
+    version_policy,
+)
 from export.verify import VerificationError, VerificationReport, check, compare
 from training.checkpoint import CheckpointError, load_model, sha256sum
 from training.model import ARCHS
@@ -87,11 +96,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=INTRA_OP_THREADS,
         help="onnxruntime threads per instance (default: 0 = the cores shared out among the instances)",
     )
+    p.add_argument(
+        "--queue-timeout-ms",
+        type=int,
+        default=QUEUE_TIMEOUT_MS,
+        help=f"refuse requests that waited this long in the queue (default {QUEUE_TIMEOUT_MS}; 0: wait forever)",
+    )
+    p.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=MAX_QUEUE_SIZE,
+        help=f"refuse requests beyond this many queued (default {MAX_QUEUE_SIZE}; 0: unbounded)",
+    )
+    p.add_argument(
+        "--version-policy",
+        default=VERSION_POLICY,
+        help=f"versions Triton serves: latest:N, all or specific:V[,V] (default {VERSION_POLICY})",
+    )
     p.add_argument("--version", type=int, help="version number to write (default: the next free one)")
     p.add_argument("--force", action="store_true", help="replace an existing version (default: the latest)")
     args = p.parse_args(argv)
     if args.max_batch_size < 1 or args.instances < 1 or args.intra_op_threads < 0:
         p.error("--max-batch-size and --instances must be >= 1, --intra-op-threads >= 0")
+    if args.queue_timeout_ms < 0 or args.max_queue_size < 0:
+        p.error("--queue-timeout-ms and --max-queue-size must be >= 0")
+    try:
+        version_policy(args.version_policy)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -228,6 +260,9 @@ def run(args: argparse.Namespace) -> int:
             tensorrt_fp16=args.tensorrt_fp16,
             instances=args.instances,
             intra_op_threads=args.intra_op_threads,
+            queue_timeout_ms=args.queue_timeout_ms,
+            max_queue_size=args.max_queue_size,
+            version_policy=args.version_policy,
         )
         written = write_repository(output_dir, spec, final, labels, pp.to_dict(), version)
 

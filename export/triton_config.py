@@ -49,6 +49,26 @@ INTRA_OP_THREADS = 0
 # JPEGs, more for camera-sized ones): two instances, one per core, so a burst of large uploads is
 # decoded in parallel; idle instances cost nothing.
 PREPROCESS_INSTANCES = 2
+# Admission control (to_onnx.py --queue-timeout-ms / --max-queue-size): without it Triton's queue is
+# unbounded, and 2x overload gave p99 30 s here (DESIGN §5). Under sustained overload the batcher takes
+# whatever has queued, so a batch holds about what arrived within the queue timeout T (2x capacity x T
+# requests) and takes 2T to run (a request costs 1/capacity): an answered request waits at most T in the
+# queue and about 2T for its batch, and a refused one hears so within T + 2T. Measured service times
+# (ResNet50-3G, 2-core CPU: 36 ms at batch 1, 266 ms at 8, 1011 ms at 32, docs/performance.md) fit that
+# model; on any machine 3T is what overload costs an answered request, so T must stay under 2 s / 3.
+# A lower bound comes from Triton 2.51 itself (measured, docs/performance.md section 5): with any queue
+# policy, about 1 request in 100 at light load sits in the queue until the idle batcher's 500 ms wake-up,
+# so T = 500 ms refused such requests on an idle server. T = 600 ms: that stall costs latency, not the
+# request, and overload costs an answered request about 1.8 s. A GPU (7.5 ms per batch on an H100) never
+# queues that long unless it is overloaded. Clients may ask for a shorter timeout per request
+# (allow_timeout_override).
+QUEUE_TIMEOUT_MS = 600
+# A memory bound for bursts far beyond 2x: 4 full batches of requests (19 MB of 224x224 uint8 tensors);
+# requests past it are refused at once. 0 = no bound.
+MAX_QUEUE_SIZE = 4 * MAX_BATCH_SIZE
+# Which versions Triton serves (to_onnx.py --version-policy): the newest, so an export into a served
+# repository rolls out; serve/versions.py pins an older one (rollback).
+VERSION_POLICY = "latest:1"
 
 
 @dataclass
@@ -64,6 +84,9 @@ class ModelSpec:
     tensorrt_fp16: bool = False
     instances: int = MODEL_INSTANCES
     intra_op_threads: int = INTRA_OP_THREADS
+    queue_timeout_ms: int = QUEUE_TIMEOUT_MS  # 0: no admission control
+    max_queue_size: int = MAX_QUEUE_SIZE
+    version_policy: str = VERSION_POLICY
 
     @property
     def preprocess_name(self) -> str:
@@ -91,6 +114,46 @@ def _outputs(spec: ModelSpec) -> list[dict[str, Any]]:
     return outs
 
 
+def version_policy(text: str) -> mc.ModelVersionPolicy:
+    """``latest:N``, ``all`` or ``specific:V[,V...]`` as Triton's version policy."""
+    kind, _, values = text.partition(":")
+    try:
+        numbers = [int(v) for v in values.split(",")] if values else []
+    except ValueError:
+        numbers = []
+    if kind == "all" and not values:
+        return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
+    if kind == "latest" and len(numbers) == 1 and numbers[0] >= 1:
+        return mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=numbers[0]))
+    if kind == "specific" and numbers and min(numbers) >= 1:
+        return mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=numbers))
+    raise ValueError(f"version policy must be latest:N, all or specific:V[,V...]; got {text!r}")
+
+
+def describe_version_policy(policy: mc.ModelVersionPolicy) -> str:
+    """The inverse of :func:`version_policy`."""
+    which = policy.WhichOneof("policy_choice")
+    if which == "specific":
+        return "specific:" + ",".join(str(v) for v in policy.specific.versions)
+    if which == "all":
+        return "all"
+    return f"latest:{policy.latest.num_versions if which == 'latest' else 1}"
+
+
+def dynamic_batching(spec: ModelSpec) -> mc.ModelDynamicBatching:
+    """The batcher with its admission control: requests that waited ``queue_timeout_ms`` in the
+    queue, or that find ``max_queue_size`` requests ahead of them, are refused (UNAVAILABLE)."""
+    batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=QUEUE_DELAY_US)
+    if spec.queue_timeout_ms > 0 or spec.max_queue_size > 0:
+        policy = batching.default_queue_policy
+        policy.max_queue_size = spec.max_queue_size
+        if spec.queue_timeout_ms > 0:
+            policy.timeout_action = mc.ModelQueuePolicy.REJECT
+            policy.default_timeout_microseconds = 1000 * spec.queue_timeout_ms
+            policy.allow_timeout_override = True
+    return batching
+
+
 def _parameters(cfg: mc.ModelConfig, params: dict[str, Any]) -> None:
     for key, value in params.items():
         cfg.parameters[key].string_value = value if isinstance(value, str) else json.dumps(value)
@@ -108,7 +171,8 @@ def onnx_model_config(spec: ModelSpec) -> mc.ModelConfig:
         max_batch_size=spec.max_batch_size,
         input=[_tensor("image", mc.TYPE_UINT8, [spec.crop, spec.crop, 3])],
         output=_outputs(spec),
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=QUEUE_DELAY_US),
+        dynamic_batching=dynamic_batching(spec),
+        version_policy=version_policy(spec.version_policy),
         instance_group=[mc.ModelInstanceGroup(count=spec.instances)],
         model_warmup=[
             mc.ModelWarmup(
@@ -142,7 +206,7 @@ def preprocess_model_config(spec: ModelSpec, preprocessing: dict[str, Any]) -> m
         max_batch_size=spec.max_batch_size,
         input=[_tensor(BYTES_INPUT, mc.TYPE_STRING, [1])],
         output=[_tensor("image", mc.TYPE_UINT8, [spec.crop, spec.crop, 3])],
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=QUEUE_DELAY_US),
+        dynamic_batching=dynamic_batching(spec),
         instance_group=[mc.ModelInstanceGroup(count=PREPROCESS_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU)],
     )
     _parameters(cfg, {"preprocessing": preprocessing})

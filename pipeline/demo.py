@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,13 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python pipeline/demo.py` from anywhere
+
+from serve.children import Stopped, raise_on_stop_signals, spawn, stop, wait_any  # noqa: E402
+
 PY = sys.executable
+# Seconds a stage gets to stop on SIGTERM before SIGKILL: Triton drains for its exit timeout (5 s here).
+STOP_GRACE = {"server": 12.0, "other": 5.0}
 
 # Built-in data and training budget: a few minutes on 2 CPU cores, clearly better than chance.
 RECIPES = {
@@ -49,12 +54,29 @@ def log(message: str) -> None:
     print(f"{tag} {message}", file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str]) -> None:
-    """Run one stage in the foreground (its progress bars show), failing loudly."""
-    log("$ " + shlex.join(str(c) for c in cmd))
-    result = subprocess.run(cmd, cwd=ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"[demo] stage failed with status {result.returncode}: {shlex.join(map(str, cmd))}")
+class Children:
+    """The processes this pipeline started. Each runs in its own process group and dies with
+    the pipeline (even when it is SIGKILLed); :meth:`stop_all` stops the ones still running,
+    the newest first, each with SIGTERM and then SIGKILL."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[subprocess.Popen, float]] = []
+
+    def start(self, cmd: list[str], grace: float = STOP_GRACE["other"]) -> subprocess.Popen:
+        log("$ " + shlex.join(str(c) for c in cmd))
+        proc = spawn([str(c) for c in cmd], cwd=ROOT)
+        self.procs.append((proc, grace))
+        return proc
+
+    def run(self, cmd: list[str]) -> None:
+        """One stage in the foreground (its progress bars show), failing loudly."""
+        proc = self.start(cmd)
+        if proc.wait() != 0:
+            raise SystemExit(f"[demo] stage failed with status {proc.returncode}: {shlex.join(map(str, cmd))}")
+
+    def stop_all(self) -> None:
+        for proc, grace in reversed(self.procs):
+            stop(proc, grace)
 
 
 def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
@@ -110,8 +132,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGINT (a terminal's Ctrl-C or `kill -INT`), SIGTERM and SIGHUP: stop every stage and exit.
+    raise_on_stop_signals()
+    children = Children()
+    try:
+        return pipeline(args, children)
+    except Stopped as e:
+        log(f"{e}: stopping")
+        return 0 if e.signum == 2 else 128 + e.signum  # Ctrl-C is how the demo is meant to end
+    finally:
+        children.stop_all()
+        log("stopped")
+
+
+def pipeline(args: argparse.Namespace, children: Children) -> int:
     recipe = RECIPES["tiny" if args.tiny else "demo"]
     started = time.perf_counter()
+    run = children.run
 
     # 1. Built-in data (also the demo's examples).
     if not (args.data_dir / "val").is_dir():
@@ -147,55 +184,28 @@ def main(argv: list[str] | None = None) -> int:
     server_cmd = [PY, "serve/launch.py", "--model-repository", str(args.model_repository), "--quiet",
                   "--http-port", str(args.http_port), "--grpc-port", str(args.grpc_port),
                   "--metrics-port", str(args.metrics_port), "--exit-timeout", "5"]  # fmt: skip
-    log("$ " + shlex.join(server_cmd))
-    server = subprocess.Popen(server_cmd, cwd=ROOT)
-    procs, interrupted = [server], []
-    try:
-        wait_http(f"http://127.0.0.1:{args.http_port}/v2/health/ready", server, "Triton")
-        grpc_url = f"127.0.0.1:{args.grpc_port}"
-        if args.headless:
-            run([PY, "client/predict.py", str(args.data_dir / "val"), "--url", grpc_url, "--protocol", "grpc",
-                 "--top-k", "3", "--json"])  # fmt: skip
-            log(f"pipeline done in {time.perf_counter() - started:.0f} s")
-            return 0
-        demo_cmd = [PY, "client/demo.py", "--url", grpc_url, "--port", str(args.demo_port),
-                    "--examples", str(args.data_dir / "val")]  # fmt: skip
-        log("$ " + shlex.join(demo_cmd))
-        demo = subprocess.Popen(demo_cmd, cwd=ROOT)
-        procs.append(demo)
-        wait_http(f"http://127.0.0.1:{args.demo_port}/", demo, "the Gradio demo", timeout=120)
-        log(
-            f"ready in {time.perf_counter() - started:.0f} s:\n"
-            f"    demo     http://127.0.0.1:{args.demo_port}   <- open this in a browser\n"
-            f"    Triton   http://127.0.0.1:{args.http_port} (HTTP), 127.0.0.1:{args.grpc_port} (gRPC), "
-            f"http://127.0.0.1:{args.metrics_port}/metrics\n"
-            f"    CLI      python client/predict.py {args.data_dir / 'val'} --url {grpc_url}\n"
-            "Ctrl-C to stop."
-        )
-        # A terminal's Ctrl-C reaches the children too (same process group): just wait for them.
-        signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
+    server = children.start(server_cmd, grace=STOP_GRACE["server"])
+    wait_http(f"http://127.0.0.1:{args.http_port}/v2/health/ready", server, "Triton")
+    grpc_url = f"127.0.0.1:{args.grpc_port}"
+    if args.headless:
+        run([PY, "client/predict.py", str(args.data_dir / "val"), "--url", grpc_url, "--protocol", "grpc",
+             "--top-k", "3", "--json"])  # fmt: skip
+        log(f"pipeline done in {time.perf_counter() - started:.0f} s")
         return 0
-    finally:
-        for proc in reversed(procs):  # demo first, then Triton (graceful: SIGINT to the launcher)
-            if proc.poll() is None:
-                if not interrupted:  # else it got the terminal's Ctrl-C already; a second would force it
-                    proc.send_signal(signal.SIGINT)
-                stop(proc, timeout=60 if proc is server else 10)
-        log("stopped")
-
-
-def stop(proc: subprocess.Popen, timeout: float) -> None:
-    """Wait for a child told to stop; then SIGTERM it, and SIGKILL it as the last resort."""
-    for send in (None, proc.terminate, proc.kill):
-        if send is not None:
-            send()
-        try:
-            proc.wait(timeout=timeout)
-            return
-        except subprocess.TimeoutExpired:
-            timeout = 5
+    demo_cmd = [PY, "client/demo.py", "--url", grpc_url, "--port", str(args.demo_port),
+                "--examples", str(args.data_dir / "val")]  # fmt: skip
+    demo = children.start(demo_cmd)
+    wait_http(f"http://127.0.0.1:{args.demo_port}/", demo, "the Gradio demo", timeout=120)
+    log(
+        f"ready in {time.perf_counter() - started:.0f} s:\n"
+        f"    demo     http://127.0.0.1:{args.demo_port}   <- open this in a browser\n"
+        f"    Triton   http://127.0.0.1:{args.http_port} (HTTP), 127.0.0.1:{args.grpc_port} (gRPC), "
+        f"http://127.0.0.1:{args.metrics_port}/metrics\n"
+        f"    CLI      python client/predict.py {args.data_dir / 'val'} --url {grpc_url}\n"
+        "Ctrl-C to stop."
+    )
+    ended = wait_any([server, demo])
+    raise SystemExit(f"[demo] {'Triton' if ended is server else 'the Gradio demo'} exited ({ended.returncode})")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ Uses ``tritonserver`` from PATH (NVIDIA's container) or the one in the
 ``nvidia-pytriton`` wheel; with the latter, ONNX models run through a python-backend
 stand-in (see ``serve/standin.py``). Binds 127.0.0.1 unless ``--host`` says
 otherwise, waits until every model is ready, prints the URLs, and shuts down
-gracefully on Ctrl-C / SIGTERM. Exits non-zero with Triton's reason when it
-cannot start.
+gracefully on Ctrl-C, SIGINT, SIGTERM or SIGHUP (a second one forces it). Exits
+non-zero with Triton's reason when it cannot start, and when Triton dies.
+
+While it serves, it supervises (``serve/supervisor.py``): a model whose backend
+process dies is reloaded, and a new version exported into the repository (or a
+version pinned with ``serve/versions.py``) is loaded without a restart.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
+from serve.children import on_stop_signals
 from serve.server import ServerError, TritonServer
 
 
@@ -33,6 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exit-timeout", type=int, default=30, help="seconds shutdown waits for clients (default 30)")
     p.add_argument("--quiet", action="store_true", help="do not echo Triton's log")
     p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    p.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=2.0,
+        help="seconds between looks for new versions in the repository (default 2; 0: never)",
+    )
+    p.add_argument("--no-self-heal", action="store_true", help="do not reload a model whose backend process died")
     p.add_argument("triton_args", nargs=argparse.REMAINDER, help="after --: more tritonserver flags")
     return p.parse_args(argv)
 
@@ -55,16 +67,20 @@ def main(argv: list[str] | None = None) -> int:
         log_verbose=args.log_verbose,
         exit_timeout=args.exit_timeout,
         extra_args=extra,
+        heal=not args.no_self_heal,
+        poll_secs=args.repository_poll_secs,
     )
     stopping = []
 
-    def shutdown(signum: int, _frame: object) -> None:
+    def shutdown(signum: int) -> None:
+        if server.supervisor is not None:
+            server.supervisor.stop(wait=False)  # stubs exiting now are no crash to heal
         running = server.process is not None and server.process.poll() is None
         if not stopping:
             stopping.append(signum)
             log(
                 f"\n{signal.Signals(signum).name}: shutting Triton down gracefully (it waits up to "
-                f"{args.exit_timeout} s for in-flight requests and open connections; Ctrl-C again to force)"
+                f"{args.exit_timeout} s for in-flight requests and open connections; a second signal forces it)"
             )
             if running:
                 server.process.send_signal(signal.SIGTERM)
@@ -72,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             log("forcing Triton to stop")
             os.killpg(server.process.pid, signal.SIGKILL)
 
-    signal.signal(signal.SIGINT, shutdown)
-    signal.signal(signal.SIGTERM, shutdown)
+    on_stop_signals(shutdown)
     try:
         server.start()
         log(f"starting {server.binary.executable} ({server.binary.origin}) on {args.model_repository}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
@@ -30,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve.children import die_with_parent
 from serve.standin import build_shadow_repository
+from serve.supervisor import Supervisor
 
 # Lines of Triton's log that are noise on a machine without a GPU.
 _NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM unable to start")
@@ -111,18 +112,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the launcher dies, so no server outlives it."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class TritonServer:
     """A Triton server process bound to ``host`` (127.0.0.1 unless told otherwise).
 
     Use as a context manager, or ``start()`` / ``wait_ready()`` / ``stop()``.
     ``log`` receives every line Triton prints (default: dropped; the launcher
     echoes them); the last lines are kept for error messages either way.
+
+    Models are under explicit control (all loaded at start): once the server is
+    ready, a :class:`~serve.supervisor.Supervisor` reloads a model whose backend
+    process died (``heal``) and loads what changes in the repository, checked
+    every ``poll_secs`` (0: never).
     """
 
     def __init__(
@@ -137,6 +137,8 @@ class TritonServer:
         log_verbose: int = 0,
         exit_timeout: int = 30,
         extra_args: list[str] | None = None,
+        heal: bool = True,
+        poll_secs: float = 2.0,
     ) -> None:
         self.repository = Path(model_repository)
         self.host, self.http_port, self.grpc_port, self.metrics_port = (
@@ -150,11 +152,14 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.exit_timeout = exit_timeout  # how long shutdown waits for in-flight requests and open connections
         self.extra_args = list(extra_args or [])
+        self.heal, self.poll_secs = heal, poll_secs
+        self.supervisor: Supervisor | None = None
         self.lines: collections.deque[str] = collections.deque(maxlen=400)
         self.process: subprocess.Popen | None = None
         self.standin_models: list[str] = []
         self.binary: ServerBinary | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None
+        self.shadow: Path | None = None  # the stand-in's shadow of the repository, if any
         self._reader: threading.Thread | None = None
 
     # -- addresses -------------------------------------------------------------------------
@@ -194,9 +199,10 @@ class TritonServer:
             shutil.copy2(stub, backends / "python" / stub.name)
             cmd += ["--backend-directory", str(backends)]
         if not self.binary.has_onnxruntime:
-            shadow = work / "repository"
-            self.standin_models = build_shadow_repository(repository, shadow, gpu=gpu_present())
-            repository = shadow
+            self.shadow = work / "repository"
+            self.standin_models = build_shadow_repository(repository, self.shadow, gpu=gpu_present())
+            repository = self.shadow
+        control = [] if self._user_control_mode() else ["--model-control-mode=explicit", "--load-model=*"]
         return [
             *cmd,
             "--model-repository", str(repository),
@@ -205,8 +211,12 @@ class TritonServer:
             "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
             "--log-verbose", str(self.log_verbose),
             "--exit-timeout-secs", str(self.exit_timeout),
+            *control,
             *self.extra_args,
         ]  # fmt: skip
+
+    def _user_control_mode(self) -> bool:
+        return any(a.startswith("--model-control-mode") for a in self.extra_args)
 
     def start(self) -> TritonServer:
         self._check_repository()
@@ -230,7 +240,7 @@ class TritonServer:
             stdin=subprocess.DEVNULL,
             env={**os.environ, **self.binary.env},
             start_new_session=True,  # our own process group: signals reach the stubs too
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # no server outlives its owner
             text=True,
             errors="replace",
         )
@@ -279,10 +289,27 @@ class TritonServer:
                     f"tritonserver exited with status {self.process.returncode}:\n  " + "\n  ".join(reasons)
                 )
             if self.is_ready():
+                self._supervise()
                 return self
             time.sleep(0.25)
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n  " + "\n  ".join(self.errors()))
+
+    def _supervise(self) -> None:
+        if self.supervisor is not None or self._user_control_mode() or not (self.heal or self.poll_secs > 0):
+            return
+        assert self.process is not None
+        self.supervisor = Supervisor(
+            self.http_url,
+            self.process.pid,
+            self.repository.resolve(),
+            self.shadow,
+            gpu=gpu_present(),
+            poll_secs=self.poll_secs,
+            heal=self.heal,
+            log=self.log or (lambda line: self.lines.append(line)),
+        )
+        self.supervisor.start()
 
     def models(self) -> list[dict]:
         """The repository index: name, version and state of every model."""
@@ -297,6 +324,8 @@ class TritonServer:
         for anything left in the server's process group. Returns the exit status."""
         if self.process is None:
             return None
+        if self.supervisor is not None:  # first: stubs exiting at shutdown are no crash to heal
+            self.supervisor.stop()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -58,27 +58,49 @@ def _link_tree(source: Path, target: Path) -> None:
             os.symlink(entry.resolve(), target / entry.name)
 
 
+def shadow_model(model_dir: Path, target: Path, gpu: bool = False) -> bool:
+    """Write the shadow of one model folder at ``target``; True when it runs through the stand-in."""
+    config_file = model_dir / "config.pbtxt"
+    cfg = parse_pbtxt(config_file.read_text()) if config_file.exists() else None
+    if cfg is None or not is_onnx_model(cfg):
+        _link_tree(model_dir, target)
+        return False
+    target.mkdir()
+    (target / "config.pbtxt").write_text(to_pbtxt(standin_config(cfg, gpu)))
+    for entry in model_dir.iterdir():
+        if entry.name == "config.pbtxt" or entry.name.startswith("."):
+            continue  # hidden entries: an export's staging folders
+        if entry.is_dir() and entry.name.isdigit():
+            _link_tree(entry, target / entry.name)
+            shutil.copy2(STANDIN, target / entry.name / "model.py")
+        elif entry.is_file():
+            os.symlink(entry.resolve(), target / entry.name)
+    return True
+
+
+def refresh_shadow_model(model_dir: Path, shadow_root: Path, gpu: bool = False) -> bool:
+    """Replace (or add) one model's shadow as a whole, for a server that is running:
+    built aside, then swapped in, so Triton never reads a half-built folder. Processes
+    already running from the old folder keep their open files."""
+    live = shadow_root / model_dir.name
+    staging, old = shadow_root / f".staging-{model_dir.name}", shadow_root / f".old-{model_dir.name}"
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    standin = shadow_model(model_dir, staging, gpu)
+    if live.exists():
+        os.replace(live, old)
+    os.replace(staging, live)
+    shutil.rmtree(old, ignore_errors=True)
+    return standin
+
+
+def model_dirs(repository: Path) -> list[Path]:
+    """The model folders of a repository (hidden folders are an export's work in progress)."""
+    return sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def build_shadow_repository(source: Path, target: Path, gpu: bool = False) -> list[str]:
     """Fill ``target`` with the shadow of ``source``; returns the names of the models
     that run through the stand-in."""
     target.mkdir(parents=True, exist_ok=True)
-    replaced = []
-    for model_dir in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        config_file = model_dir / "config.pbtxt"
-        cfg = parse_pbtxt(config_file.read_text()) if config_file.exists() else None
-        if cfg is None or not is_onnx_model(cfg):
-            _link_tree(model_dir, target / model_dir.name)
-            continue
-        twin_dir = target / model_dir.name
-        twin_dir.mkdir()
-        (twin_dir / "config.pbtxt").write_text(to_pbtxt(standin_config(cfg, gpu)))
-        for entry in model_dir.iterdir():
-            if entry.name == "config.pbtxt" or entry.name.startswith("."):
-                continue
-            if entry.is_dir() and entry.name.isdigit():
-                _link_tree(entry, twin_dir / entry.name)
-                shutil.copy2(STANDIN, twin_dir / entry.name / "model.py")
-            elif entry.is_file():
-                os.symlink(entry.resolve(), twin_dir / entry.name)
-        replaced.append(model_dir.name)
-    return replaced
+    return [d.name for d in model_dirs(source) if shadow_model(d, target / d.name, gpu)]

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-PART_FILES = ("model_speed", "head_share", "low_precision", "serving")
+PART_FILES = ("model_speed", "head_share", "low_precision", "serving", "overload")
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +67,28 @@ def test_quick_run_records_the_machine_and_the_ratios(quick_run):
     }
     assert all(r["requests"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in serving["rows"])
     assert set(serving["wire_bytes_per_image"]) == {"grpc_tensor", "grpc_bytes", "http_tensor", "http_bytes"}
-    assert {t["target"] for t in data["targets"]} >= {"INT8 throughput vs fp32 (onnxruntime)"}
+    overload = data["overload"]
+    assert overload["capacity_per_s"] > 0
+    assert {(r["variant"], r["level"]) for r in overload["rows"]} == {
+        (v, level) for v in ("queue policy (shipped)", "no queue policy") for level in (0.5, 2.0)
+    }
+    for row in overload["rows"]:
+        assert row["answered"] + row["refused"] + row["other_failures"] == row["sent"] > 0
+        assert row["ready_after"] and row["rss_mb_after"] > 0
+    assert overload["policy_at_2x"]["level"] == 2.0
+    assert {t["target"] for t in data["targets"]} >= {
+        "INT8 throughput vs fp32 (onnxruntime)",
+        "2x overload: goodput of capacity (queue policy)",
+    }
 
 
 @pytest.mark.slow
 def test_quick_run_markdown_holds_the_tables(quick_run):
     out, _ = quick_run
     text = (out / "bench.md").read_text()
-    for heading in ("### Targets", "### Model speed", "### Where the time goes", "### Low precision", "### Serving"):
+    headings = ("### Targets", "### Model speed", "### Where the time goes", "### Low precision", "### Serving",
+                "### Overload")  # fmt: skip
+    for heading in headings:
         assert heading in text, heading
     assert "| batch |" in text and "flags:" in text  # the tables and the machine they were measured on
 

@@ -121,9 +121,15 @@ def test_unreachable_server_is_retried_with_backoff_then_named(protocol):
     url = f"127.0.0.1:{free_port()}"
     classifier = TritonClassifier(url, protocol, retries=2, backoff=0.1)
     started = time.perf_counter()
-    with pytest.raises(ServerUnreachable, match=re.escape(f"cannot reach Triton at {url}")):
+    with pytest.raises(ServerUnreachable, match=re.escape(f"cannot reach Triton at {url}")) as error:
         classifier.describe()
-    assert time.perf_counter() - started >= 0.1 + 0.2  # two retries: 0.1 s, then 0.2 s
+    assert "3 attempts" in str(error.value)
+    # Two retries after 0.1 s and 0.2 s backoff, each jittered to between half and all of it.
+    assert time.perf_counter() - started >= (0.1 + 0.2) / 2
+    delays = [[classifier.retry_delay(a) for _ in range(200)] for a in range(3)]
+    for attempt, samples in enumerate(delays):
+        full = 0.1 * 2**attempt
+        assert full / 2 <= min(samples) < max(samples) <= full  # jittered, never identical
     health = classifier.health()
     assert not health.live and url in health.error
 

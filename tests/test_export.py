@@ -126,6 +126,12 @@ def test_versions_are_never_overwritten_silently(tiny_checkpoint, tmp_path):
     assert result.returncode == 2 and "exists; pass --force" in result.stderr
     assert (repo / "threegnet" / "1" / "model.onnx").stat().st_mtime_ns == first
     assert export_main([*args, "--version", "1", "--force"]) == 0
+    # The export is deterministic: an identical model is left alone (a serving launcher reloads what changes)...
+    assert (repo / "threegnet" / "1" / "model.onnx").stat().st_mtime_ns == first
+    labels = tmp_path / "labels.txt"
+    labels.write_text("w\nx\ny\nz\n")
+    assert export_main([*args, "--version", "1", "--force", "--labels", str(labels)]) == 0
+    # ...and a different one (other labels, recorded in the ONNX metadata) replaces it.
     assert (repo / "threegnet" / "1" / "model.onnx").stat().st_mtime_ns != first
     assert not [p for p in (repo / "threegnet").iterdir() if p.name.startswith(".")]
 

@@ -1,0 +1,306 @@
+"""What production does to a server, done to a real one: a backend process SIGKILLed under load,
+bursts far over capacity, a new version exported while serving, a rollback. No timing asserts:
+the tests check what happened and in what order."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import ROOT, TINY_CLASSES
+from tritonclient.utils import InferenceServerException
+
+from client.inference import ServerOverloaded, TritonClassifier
+from serve.server import TritonServer, free_port
+from serve.supervisor import backend_processes
+
+CROP = 64
+OVERLOAD = "Exceeds maximum queue size"
+
+
+def server_on(repo: Path, **kwargs) -> TritonServer:
+    return TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), exit_timeout=3,
+                        **kwargs)  # fmt: skip
+
+
+def http_status(server: TritonServer, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return -1
+
+
+def tensor(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (1, CROP, CROP, 3), dtype=np.uint8)
+
+
+def infer_tensor(client: grpcclient.InferenceServerClient, model: str = "threegnet"):
+    inp = grpcclient.InferInput("image", [1, CROP, CROP, 3], "UINT8")
+    inp.set_data_from_numpy(tensor())
+    return client.infer(model, [inp], client_timeout=30)
+
+
+def infer_bytes(client: grpcclient.InferenceServerClient, blob: bytes):
+    inp = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([blob], dtype=object).reshape(1, 1))
+    return client.infer("threegnet_image", [inp], client_timeout=30)
+
+
+class Load(threading.Thread):
+    """A steady closed-loop load: one request after another, each recorded as
+    (start, end, error or None, the model version that answered)."""
+
+    def __init__(self, server: TritonServer, send: Callable[[grpcclient.InferenceServerClient], object]) -> None:
+        super().__init__(daemon=True)
+        self.server, self.send = server, send
+        self.results: list[tuple[float, float, str | None, str | None]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        client = grpcclient.InferenceServerClient(self.server.grpc_url)
+        while not self.halt.is_set():
+            start = time.monotonic()
+            try:
+                result = self.send(client)
+                self.results.append((start, time.monotonic(), None, result.get_response().model_version))
+            except InferenceServerException as e:
+                self.results.append((start, time.monotonic(), e.message(), None))
+            time.sleep(0.01)
+        client.close()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=60)
+
+    def failures(self) -> list[tuple[float, float, str | None, str | None]]:
+        return [r for r in self.results if r[2] is not None]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def own_repository(model_repository: Path, tmp_path: Path) -> Path:
+    """A copy of the exported repository that a test may change."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository, repo)
+    return repo
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["threegnet", "threegnet_preprocess"])
+def test_a_killed_backend_process_heals_itself_and_readiness_never_lies(own_repository, model):
+    from test_serving import png
+
+    blob = png(80, 80)
+    with server_on(own_repository) as server:
+        load = Load(server, lambda c: infer_bytes(c, blob))  # through the ensemble: needs both models
+        readiness: list[tuple[float, int, int]] = []
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.is_set():
+                now = time.monotonic()
+                readiness.append((now, http_status(server, "/v2/health/ready"),
+                                  http_status(server, "/v2/models/threegnet_image/ready")))  # fmt: skip
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        load.start()
+        sampler.start()
+        wait_until(lambda: len(load.results) >= 5, 60, "the load is answered")
+        victim = next(p for p in backend_processes(server.process.pid) if p.model == model)
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+
+        # Serving resumes by itself: a request that started after the kill succeeds again.
+        wait_until(lambda: any(r[0] > killed_at and r[2] is None for r in load.results[-3:])
+                   and server.supervisor.heals == 1, 120, "serving resumes")  # fmt: skip
+        time.sleep(0.5)
+        load.stop()
+        sampling.set()
+        sampler.join(timeout=10)
+        assert server.is_ready()
+
+    failed = load.failures()
+    assert failed, "the kill should have cost some requests"
+    assert all(r[1] >= killed_at for r in failed), "nothing failed before the kill (one in flight may fail)"
+    # They failed fast with an error that says what is wrong, instead of hanging.
+    assert all(r[1] - r[0] < 10 for r in failed), max(r[1] - r[0] for r in failed)
+    assert all("not healthy" in r[2] or "unknown model" in r[2] or "not ready" in r[2] for r in failed), failed[:3]
+    # Honest readiness: once it noticed (the detection interval, printed below), neither the server's nor
+    # the model's readiness said 200 until requests stopped failing.
+    after = [s for s in readiness if s[0] > killed_at]
+    noticed = next(s[0] for s in after if s[1] != 200 and s[2] != 200)
+    last_failure_start = max(r[0] for r in failed)
+    during = [s for s in after if noticed <= s[0] < last_failure_start - 0.05]
+    assert during and all(s[1] != 200 and s[2] != 200 for s in during), [s for s in during if 200 in s[1:]][:5]
+    assert readiness[-1][1:] == (200, 200)
+    healed = next(r[0] for r in load.results if r[0] > killed_at and r[2] is None)
+    print(f"detected after {noticed - killed_at:.2f} s; serving again after {healed - killed_at:.2f} s; "
+          f"{len(failed)} requests failed meanwhile")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tight_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported with a tiny queue: one request at a time, one waiting."""
+    from export.to_onnx import main as export_main
+
+    repo = tmp_path_factory.mktemp("tight")
+    args = ["--checkpoint", str(tiny_checkpoint), "--output-dir", str(repo), "--max-batch-size", "1",
+            "--max-queue-size", "1", "--queue-timeout-ms", "200"]  # fmt: skip
+    assert export_main(args) == 0
+    return repo
+
+
+@pytest.fixture(scope="module")
+def tight_server(tight_repository: Path):
+    with server_on(tight_repository) as server:
+        yield server
+
+
+def failure_count(server: TritonServer) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('nv_inference_request_failure{model="threegnet"'))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_burst_far_over_capacity_is_refused_with_the_overload_error_and_the_server_stays_ready(tight_server):
+    config = json.loads(
+        urllib.request.urlopen(f"http://{tight_server.http_url}/v2/models/threegnet/config", timeout=5).read()
+    )
+    policy = config["dynamic_batching"]["default_queue_policy"]
+    assert policy["max_queue_size"] == 1 and policy["default_timeout_microseconds"] == 200_000
+
+    client = grpcclient.InferenceServerClient(tight_server.grpc_url)
+    inp = grpcclient.InferInput("image", [1, CROP, CROP, 3], "UINT8")
+    inp.set_data_from_numpy(tensor())
+    outcomes: list[tuple[str, str] | None] = []
+    done = threading.Event()
+
+    def callback(result, error) -> None:
+        outcomes.append(None if error is None else (error.status(), error.message()))
+        if len(outcomes) == 200:
+            done.set()
+
+    for _ in range(200):  # all at once: far over what one instance with a queue of 1 can hold
+        client.async_infer("threegnet", [inp], callback)
+    assert done.wait(timeout=120)
+    refused = [o for o in outcomes if o is not None]
+    assert refused and len(refused) < 200
+    assert all(status == "StatusCode.UNAVAILABLE" and OVERLOAD in message for status, message in refused), refused[:3]
+    assert tight_server.is_ready()
+    infer_tensor(client)  # and it answers the next request
+    client.close()
+
+
+@pytest.mark.slow
+def test_the_client_library_retries_overload_refusals(tight_server):
+    """40 callers at once against a queue of 1: the server refuses many requests, yet every
+    caller gets its answer through the retries; without retries the refusal is reported plainly."""
+    refusals_before = failure_count(tight_server)
+    patient = TritonClassifier(tight_server.grpc_url, "grpc", retries=12, backoff=0.05)
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        answers = list(pool.map(lambda i: patient.classify_tensors(tensor(i), top_k=2), range(40)))
+    assert all(len(a) == 1 and len(a[0].top_k) == 2 for a in answers)
+    assert failure_count(tight_server) > refusals_before  # the server did refuse; the retries absorbed it
+
+    impatient = TritonClassifier(tight_server.grpc_url, "grpc", retries=0)
+    impatient.describe()
+
+    def once(i: int) -> str:
+        try:
+            impatient.classify_tensors(tensor(i))
+            return "ok"
+        except ServerOverloaded as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        results = list(pool.map(once, range(40)))
+    errors = [r for r in results if r != "ok"]
+    assert errors and all("overloaded" in e and OVERLOAD in e for e in errors), errors[:2]
+
+
+@pytest.mark.slow
+def test_predict_reports_overload_per_image_and_goes_on(tight_server, tmp_path):
+    from test_serving import png
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(24):
+        (folder / f"img_{i:02d}.png").write_bytes(png(70, 70, seed=i))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "client" / "predict.py"), str(folder), "--url", tight_server.grpc_url,
+         "--json", "--batch-size", "1", "--concurrency", "16", "--retries", "0", "--send", "tensor"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == 24, proc.stderr[-2000:]
+    refused = [line for line in lines if "error" in line]
+    answered = [line for line in lines if "top_k" in line]
+    assert refused and answered, proc.stderr[-2000:]
+    assert all("overloaded" in line["error"] for line in refused)
+    assert {k["label"] for line in answered for k in line["top_k"]} <= set(TINY_CLASSES)
+    assert proc.returncode == 1 and f"{len(refused)} failed" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_new_version_rolls_out_under_load_without_one_failed_request_and_rolls_back(own_repository, tiny_checkpoint):
+    from test_serving import png
+
+    blob = png(90, 90, seed=3)
+    with server_on(own_repository, poll_secs=0.5) as server:
+        tensors, images = Load(server, infer_tensor), Load(server, lambda c: infer_bytes(c, blob))
+        tensors.start()
+        images.start()
+        wait_until(lambda: len(tensors.results) >= 5 and len(images.results) >= 5, 60, "the load is answered")
+        assert {r[3] for r in tensors.results} == {"1"}
+
+        export = subprocess.run(
+            [sys.executable, str(ROOT / "export" / "to_onnx.py"), "--checkpoint", str(tiny_checkpoint),
+             "--output-dir", str(own_repository)],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert export.returncode == 0, export.stderr[-2000:]
+        exported = time.monotonic()
+        wait_until(lambda: tensors.results[-1][3] == "2", 120, "version 2 answers")
+        print(f"version 2 answered {time.monotonic() - exported:.1f} s after the export finished")
+
+        rollback = subprocess.run(
+            [sys.executable, str(ROOT / "serve" / "versions.py"), "--model-repository", str(own_repository),
+             "--serve", "1"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+        assert rollback.returncode == 0 and "served: 1" in rollback.stdout, rollback.stderr
+        wait_until(lambda: tensors.results[-1][3] == "1", 120, "version 1 answers again")
+        time.sleep(1)
+        tensors.stop()
+        images.stop()
+        assert server.supervisor.rollouts >= 2
+
+    assert not tensors.failures() and not images.failures(), (tensors.failures() + images.failures())[:3]
+    versions = [r[3] for r in tensors.results]
+    first_two = versions.index("2")
+    assert set(versions[:first_two]) == {"1"} and "1" in versions[first_two:]  # 1, then 2, then 1 again
+    assert len(images.results) > 20
