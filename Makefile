@@ -7,12 +7,13 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser test test-fast lint demo bench clean help
+.PHONY: setup browser haproxy test test-fast lint demo bench fleet clean help
 
 help:
 	@echo "make demo    train a small 3G-Net on built-in data, export, serve with Triton, open the demo"
 	@echo "make test    install everything and run the whole test suite (what CI runs)"
 	@echo "make bench   CPU benchmarks; tables land in bench/results/"
+	@echo "make fleet   two Triton replicas behind HAProxy on model_repository (after make demo)"
 	@echo "make lint    ruff"
 
 # The virtual environment, rebuilt when the pins change.
@@ -31,11 +32,18 @@ browser:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# Debian's HAProxy for the fleet rehearsal (deploy/local_fleet.py, tests/test_fleet.py).
+haproxy:
+	@command -v haproxy >/dev/null 2>&1 || { \
+		echo "installing Debian's haproxy for the fleet rehearsal"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq haproxy >/dev/null; }
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup browser lint
+test: setup browser haproxy lint
 	$(PY) -m pytest
 
 # Everything but the tests marked slow: a quick check while developing.
@@ -48,7 +56,11 @@ test-fast: setup
 demo: setup
 	$(PY) pipeline/demo.py $(if $(RETRAIN),--retrain) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
-# CPU benchmarks (model speed, head share, INT8, serving overhead): tables in bench/results/.
+# Two replicas behind HAProxy on this machine, serving model_repository (what deploy/kubernetes runs).
+fleet: setup haproxy
+	$(PY) deploy/local_fleet.py --model-repository model_repository --replicas 2
+
+# CPU benchmarks (model speed, head share, INT8, serving overhead, overload): tables in bench/results/.
 bench: setup
 	$(PY) bench/run.py
 

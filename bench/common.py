@@ -310,8 +310,8 @@ def build_serving(settings: Settings, seed: int = 0):
     import torch
 
     from export.serving_model import ServingModel
+    from threegnet_preprocessing import Preprocessing
     from training.model import create_model
-    from training.preprocessing import Preprocessing
 
     torch.manual_seed(seed)
     model = create_model(settings.arch, num_classes=settings.num_classes, dim=settings.dim).eval()

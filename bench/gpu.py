@@ -170,7 +170,7 @@ def export_onnx(name: str, model: nn.Module, path: Path) -> Path:
     if name == "resnet50_3g":
         from export.onnx_graph import export_onnx as project_export
         from export.serving_model import ServingModel
-        from training.preprocessing import Preprocessing
+        from threegnet_preprocessing import Preprocessing
 
         project_export(ServingModel(model.model, Preprocessing()).eval(), path, CROP)
         return path

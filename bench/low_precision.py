@@ -63,7 +63,7 @@ RECALIBRATION_IMAGES = 32
 
 def built_in_data(settings: Settings, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Train and validation images (uint8 NHWC, preprocessed as served) and labels."""
-    from training.preprocessing import Preprocessing, load_and_preprocess
+    from threegnet_preprocessing import Preprocessing, load_and_preprocess
     from training.synthetic import CLASS_NAMES, generate
 
     generate(

@@ -33,11 +33,11 @@ from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from bench.common import entry
+from threegnet_preprocessing import Preprocessing
 from training import distributed
 from training.data import ImageFolderData, check_classes, collate_skipping, eval_transform, train_transform
 from training.engine import evaluate, train_one_epoch
 from training.model import create_model
-from training.preprocessing import Preprocessing
 from training.synthetic import generate
 
 RESULTS = Path(__file__).resolve().parent / "results"

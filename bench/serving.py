@@ -60,7 +60,7 @@ def make_repository(onnx_path: Path, settings: Settings, repo: Path, overrides: 
     (``bench/overload.py``): ``queue_timeout_ms``, ``max_queue_size``."""
     from export.repository import write_repository
     from export.triton_config import ModelSpec, parse_pbtxt, to_pbtxt
-    from training.preprocessing import Preprocessing
+    from threegnet_preprocessing import Preprocessing
 
     pp = Preprocessing(resize=settings.resize, crop=settings.crop)
     overrides = overrides or {}

@@ -40,7 +40,7 @@ from client.inference import (
     ModelInfo,
     TritonClassifier,
 )
-from training.preprocessing import ImageError, open_image, preprocess
+from threegnet_preprocessing import ImageError, open_image, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXAMPLES = ROOT / "data" / "demo" / "val"

@@ -26,7 +26,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from training.preprocessing import Preprocessing
+from threegnet_preprocessing import Preprocessing
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
@@ -302,10 +302,9 @@ class TritonClassifier:
             raise ModelUnavailable(f"model '{self.model}' {problem} at {self.where}; ready models: {listing}")
         config = self._config(self.model)
         params = _parameters(config)
-        if "tensor_model" in params:
-            image_name, tensor_name = self.model, params["tensor_model"]
-        else:
-            image_name, tensor_name = params.get("image_model"), self.model
+        # Every ensemble (the bytes model, the classifiers) names its tensor model; the tensor model
+        # names the full bytes ensemble.
+        tensor_name = params.get("tensor_model", self.model)
         if tensor_name != self.model:
             if tensor_name not in ready:
                 raise ModelUnavailable(
@@ -314,6 +313,7 @@ class TritonClassifier:
                 )
             config = self._config(tensor_name)
             params = _parameters(config)
+        image_name = params.get("image_model")
         image_name = image_name if image_name in ready else None
         bytes_input = self._config(image_name)["input"][0]["name"] if image_name else None
         outputs = {o["name"]: o for o in config["output"]}
@@ -373,6 +373,6 @@ class TritonClassifier:
         return self._infer(info.image_model, info.bytes_input, data, "BYTES", top_k, weight_map)
 
     def classify_tensors(self, batch: np.ndarray, top_k: int = 5, weight_map: bool = False) -> list[Classification]:
-        """Preprocessed uint8 NHWC crops (``training.preprocessing.preprocess``) to the raw model."""
+        """Preprocessed uint8 NHWC crops (``threegnet_preprocessing.preprocess``) to the raw model."""
         info = self.describe()
         return self._infer(info.name, info.tensor_input, np.ascontiguousarray(batch), "UINT8", top_k, weight_map)

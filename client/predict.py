@@ -44,7 +44,7 @@ from client.inference import (
     ServerOverloaded,
     TritonClassifier,
 )
-from training.preprocessing import ImageError, Preprocessing, load_and_preprocess
+from threegnet_preprocessing import ImageError, Preprocessing, load_and_preprocess
 
 EXIT_OK, EXIT_INPUT_ERRORS, EXIT_SERVER = 0, 1, 2
 PROGRESS_MIN = 5  # fewer images than this need no progress bar

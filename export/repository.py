@@ -7,6 +7,8 @@ Layout written for a model NAME (DESIGN §3):
     DIR/NAME/<version>/model.onnx
     DIR/NAME_preprocess/...          python backend: image bytes -> tensor
     DIR/NAME_image/...               ensemble: image bytes -> NAME_preprocess -> NAME
+    DIR/NAME_classifier/...          ensemble: tensors -> NAME, probabilities only (Triton's image_client.py)
+    DIR/NAME_image_classifier/...    ensemble: bytes -> probabilities only (ensemble_image_client.py)
 
 Files are staged elsewhere and moved in with ``os.replace``; a version directory
 appears complete or not at all.
@@ -20,12 +22,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from export.triton_config import LABELS_FILE, ModelSpec, ensemble_config, preprocess_model_config, to_pbtxt
+from export.triton_config import (
+    LABELS_FILE,
+    ModelSpec,
+    classifier_configs,
+    ensemble_config,
+    preprocess_model_config,
+    to_pbtxt,
+)
 from export.triton_config import onnx_model_config as onnx_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PREPROCESS_MODEL = ROOT / "serve" / "triton_models" / "image_preprocess.py"
-PREPROCESSING_MODULE = ROOT / "training" / "preprocessing.py"
+PREPROCESSING_MODULE = ROOT / "threegnet_preprocessing.py"  # the one source of truth, copied as it is
 
 
 class RepositoryError(RuntimeError):
@@ -127,8 +136,11 @@ def write_repository(
         _install_dir(staged / "pre", pre_dir / "1")
         write_text_atomic(pre_dir / "config.pbtxt", to_pbtxt(preprocess_model_config(spec, preprocessing)))
 
-        ens_dir = output_dir / spec.image_name
-        (ens_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version dir, even empty
-        write_text_atomic(ens_dir / LABELS_FILE, labels_text)
-        write_text_atomic(ens_dir / "config.pbtxt", to_pbtxt(ensemble_config(spec)))
-    return {"model": model_dir, "preprocess": pre_dir, "ensemble": ens_dir}
+        written = {"model": model_dir, "preprocess": pre_dir}
+        for key, cfg in (("ensemble", ensemble_config(spec)), *(("classifier", c) for c in classifier_configs(spec))):
+            ens_dir = output_dir / cfg.name
+            (ens_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version dir, even empty
+            write_text_atomic(ens_dir / LABELS_FILE, labels_text)
+            write_text_atomic(ens_dir / "config.pbtxt", to_pbtxt(cfg))
+            written.setdefault(key, ens_dir)
+    return written

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from threegnet_preprocessing import Preprocessing
 from training.model import ThreeGNet
-from training.preprocessing import Preprocessing
 
 
 class ServingModel(nn.Module):

@@ -47,9 +47,9 @@ from export.triton_config import (
     version_policy,
 )
 from export.verify import VerificationError, VerificationReport, check, compare
+from threegnet_preprocessing import ImageError, Preprocessing, load_and_preprocess
 from training.checkpoint import CheckpointError, load_model, sha256sum
 from training.model import ARCHS
-from training.preprocessing import ImageError, Preprocessing, load_and_preprocess
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Tolerances per precision: (max |Δ probability| vs PyTorch fp32, min top-1 agreement).
@@ -271,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
         f"done in {time.perf_counter() - started:.0f} s: {written['model'] / str(version) / 'model.onnx'}\n"
         f"  {what.replace('_', ' ')}: max abs difference {final_report.max_abs_diff:.3g} (probabilities), "
         f"top-1 agreement {100 * final_report.top1_agreement:.1f}%\n"
-        f"  models: {args.name} (uint8 tensors), {spec.image_name} (image bytes), {spec.preprocess_name}\n"
+        f"  models: {args.name} (uint8 tensors), {spec.image_name} (image bytes), {spec.preprocess_name}, "
+        f"{spec.classifier_name} and {spec.image_classifier_name} (probabilities only)\n"
         f"  serve:  python serve/launch.py --model-repository {output_dir}"
     )
     return 0

@@ -49,23 +49,22 @@ INTRA_OP_THREADS = 0
 # JPEGs, more for camera-sized ones): two instances, one per core, so a burst of large uploads is
 # decoded in parallel; idle instances cost nothing.
 PREPROCESS_INSTANCES = 2
-# Admission control (to_onnx.py --queue-timeout-ms / --max-queue-size): without it Triton's queue is
-# unbounded, and 2x overload gave p99 30 s here (DESIGN §5). Under sustained overload the batcher takes
-# whatever has queued, so a batch holds about what arrived within the queue timeout T (2x capacity x T
-# requests) and takes 2T to run (a request costs 1/capacity): an answered request waits at most T in the
-# queue and about 2T for its batch, and a refused one hears so within T + 2T. Measured service times
-# (ResNet50-3G, 2-core CPU: 36 ms at batch 1, 266 ms at 8, 1011 ms at 32, docs/performance.md) fit that
-# model; on any machine 3T is what overload costs an answered request, so T must stay under 2 s / 3.
-# A lower bound comes from Triton 2.51 itself (measured, docs/performance.md section 5): with any queue
-# policy, about 1 request in 100 at light load sits in the queue until the idle batcher's 500 ms wake-up,
-# so T = 500 ms refused such requests on an idle server. T = 600 ms: that stall costs latency, not the
-# request, and overload costs an answered request about 1.8 s. A GPU (7.5 ms per batch on an H100) never
-# queues that long unless it is overloaded. Clients may ask for a shorter timeout per request
-# (allow_timeout_override).
-QUEUE_TIMEOUT_MS = 600
-# A memory bound for bursts far beyond 2x: 4 full batches of requests (19 MB of 224x224 uint8 tensors);
-# requests past it are refused at once. 0 = no bound.
-MAX_QUEUE_SIZE = 4 * MAX_BATCH_SIZE
+# Admission control (to_onnx.py --max-queue-size / --queue-timeout-ms): without it Triton's queue is
+# unbounded, and 2x overload gave p99 30 s here (DESIGN §5). The main bound is the queue's length: a
+# request that finds MAX_QUEUE_SIZE requests waiting is refused at once (gRPC UNAVAILABLE, HTTP 503).
+# Under overload the batcher takes the whole queue as one batch (MAX_BATCH_SIZE > MAX_QUEUE_SIZE), so an
+# admitted request waits for the batch ahead of it and then runs in its own: about 2 x MAX_QUEUE_SIZE /
+# throughput. bench/overload.py measured ResNet50-3G on the 2-core CPU at about 24 requests/s under
+# overload; a queue of 24 gave p99 2.4 s at 2x capacity (target 2 s), so 16: about 1.3 s. Size it to
+# about half a second of your deployment's throughput (a GPU: --max-queue-size 2048 or more).
+MAX_QUEUE_SIZE = 16
+# The queue timeout is only a safety net, not the mechanism, because of Triton 2.51 itself (measured,
+# docs/performance.md section 5): with any queue policy about 1 request in 100 sits in the queue until
+# the batcher's 500 ms wake-up even when an instance is free. With a 500-600 ms timeout those requests
+# were refused under ordinary load (0.8% at half capacity); 1500 ms exceeds that stall plus a full
+# batch, so it refuses only requests something else has held up. Clients may ask for a shorter
+# timeout per request (allow_timeout_override). 0 turns it off.
+QUEUE_TIMEOUT_MS = 1500
 # Which versions Triton serves (to_onnx.py --version-policy): the newest, so an export into a served
 # repository rolls out; serve/versions.py pins an older one (rollback).
 VERSION_POLICY = "latest:1"
@@ -96,6 +95,16 @@ class ModelSpec:
     def image_name(self) -> str:
         return f"{self.name}_image"
 
+    @property
+    def classifier_name(self) -> str:
+        """Raw tensors in, probabilities only out: what Triton's stock ``image_client.py`` accepts."""
+        return f"{self.name}_classifier"
+
+    @property
+    def image_classifier_name(self) -> str:
+        """Image bytes in, probabilities only out: what ``ensemble_image_client.py`` accepts."""
+        return f"{self.name}_image_classifier"
+
 
 def _tensor(name: str, dtype: int, dims: list[int], labels: bool = False) -> dict[str, Any]:
     d: dict[str, Any] = {"name": name, "data_type": dtype, "dims": dims}
@@ -104,10 +113,16 @@ def _tensor(name: str, dtype: int, dims: list[int], labels: bool = False) -> dic
     return d
 
 
+def _image_input(spec: ModelSpec) -> dict[str, Any]:
+    """The raw model's input, with its layout declared (Triton's image clients read ``format``)."""
+    return {**_tensor("image", mc.TYPE_UINT8, [spec.crop, spec.crop, 3]), "format": mc.ModelInput.FORMAT_NHWC}
+
+
 def _outputs(spec: ModelSpec) -> list[dict[str, Any]]:
+    """Every output meant for classification carries the labels file."""
     outs = [
         _tensor("probabilities", mc.TYPE_FP32, [spec.num_classes], labels=True),
-        _tensor("logits", mc.TYPE_FP32, [spec.num_classes]),
+        _tensor("logits", mc.TYPE_FP32, [spec.num_classes], labels=True),
     ]
     if spec.weight_map_shape:
         outs.append(_tensor("weight_map", mc.TYPE_FP32, list(spec.weight_map_shape)))
@@ -169,7 +184,7 @@ def onnx_model_config(spec: ModelSpec) -> mc.ModelConfig:
         name=spec.name,
         backend="onnxruntime",
         max_batch_size=spec.max_batch_size,
-        input=[_tensor("image", mc.TYPE_UINT8, [spec.crop, spec.crop, 3])],
+        input=[_image_input(spec)],
         output=_outputs(spec),
         dynamic_batching=dynamic_batching(spec),
         version_policy=version_policy(spec.version_policy),
@@ -213,31 +228,47 @@ def preprocess_model_config(spec: ModelSpec, preprocessing: dict[str, Any]) -> m
     return cfg
 
 
-def ensemble_config(spec: ModelSpec) -> mc.ModelConfig:
-    """Encoded image bytes in, the model's outputs out: preprocess, then the ONNX model."""
-    outputs = _outputs(spec)
-    step_pre = mc.ModelEnsembling.Step(
-        model_name=spec.preprocess_name,
-        model_version=-1,
-        input_map={BYTES_INPUT: BYTES_INPUT},
-        output_map={"image": "preprocessed_image"},
-    )
-    step_model = mc.ModelEnsembling.Step(
-        model_name=spec.name,
-        model_version=-1,
-        input_map={"image": "preprocessed_image"},
-        output_map={o["name"]: o["name"] for o in outputs},
-    )
+def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> mc.ModelEnsembling.Step:
+    return mc.ModelEnsembling.Step(model_name=model, model_version=-1, input_map=inputs, output_map=outputs)
+
+
+def _ensemble(spec: ModelSpec, name: str, bytes_in: bool, outputs: list[dict[str, Any]]) -> mc.ModelConfig:
+    """An ensemble over the raw model: from image bytes (through the preprocessing model) or from
+    tensors, exposing ``outputs`` (a subset costs nothing: the raw model serves them all)."""
+    names = {o["name"]: o["name"] for o in outputs}
+    if bytes_in:
+        steps = [
+            _step(spec.preprocess_name, {BYTES_INPUT: BYTES_INPUT}, {"image": "preprocessed_image"}),
+            _step(spec.name, {"image": "preprocessed_image"}, names),
+        ]
+        inputs = [_tensor(BYTES_INPUT, mc.TYPE_STRING, [1])]
+    else:
+        steps, inputs = [_step(spec.name, {"image": "image"}, names)], [_image_input(spec)]
     cfg = mc.ModelConfig(
-        name=spec.image_name,
+        name=name,
         platform="ensemble",
         max_batch_size=spec.max_batch_size,
-        input=[_tensor(BYTES_INPUT, mc.TYPE_STRING, [1])],
+        input=inputs,
         output=outputs,
-        ensemble_scheduling=mc.ModelEnsembling(step=[step_pre, step_model]),
+        ensemble_scheduling=mc.ModelEnsembling(step=steps),
     )
     _parameters(cfg, {**spec.parameters, "tensor_model": spec.name})
     return cfg
+
+
+def ensemble_config(spec: ModelSpec) -> mc.ModelConfig:
+    """Encoded image bytes in, the model's outputs out: preprocess, then the ONNX model."""
+    return _ensemble(spec, spec.image_name, bytes_in=True, outputs=_outputs(spec))
+
+
+def classifier_configs(spec: ModelSpec) -> list[mc.ModelConfig]:
+    """The two single-purpose classifiers that Triton's stock example clients run unchanged:
+    one output (FP32 probabilities with labels) over raw NHWC tensors, and over image bytes."""
+    probabilities = [o for o in _outputs(spec) if o["name"] == "probabilities"]
+    return [
+        _ensemble(spec, spec.classifier_name, bytes_in=False, outputs=probabilities),
+        _ensemble(spec, spec.image_classifier_name, bytes_in=True, outputs=probabilities),
+    ]
 
 
 def to_pbtxt(cfg: mc.ModelConfig) -> str:

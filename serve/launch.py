@@ -20,22 +20,31 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 
 from serve.children import on_stop_signals
+from serve.endpoints import EXIT_TIMEOUT_S, GRPC_PORT, HTTP_PORT, METRICS_PORT
 from serve.server import ServerError, TritonServer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-repository", required=True, type=Path, help="folder written by export/to_onnx.py")
+    p.add_argument(
+        "--model-repository",
+        required=True,
+        help="folder written by export/to_onnx.py, or s3:// gs:// as:// (NVIDIA's container; Triton reads it)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=HTTP_PORT)
+    p.add_argument("--grpc-port", type=int, default=GRPC_PORT)
+    p.add_argument("--metrics-port", type=int, default=METRICS_PORT)
     p.add_argument("--tritonserver", help="path to a tritonserver executable (default: PATH, then the wheel's)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the models (default 300)")
-    p.add_argument("--exit-timeout", type=int, default=30, help="seconds shutdown waits for clients (default 30)")
+    p.add_argument(
+        "--exit-timeout",
+        type=int,
+        default=EXIT_TIMEOUT_S,
+        help=f"seconds shutdown waits for clients (default {EXIT_TIMEOUT_S})",
+    )
     p.add_argument("--quiet", action="store_true", help="do not echo Triton's log")
     p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     p.add_argument(

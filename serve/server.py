@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve.children import die_with_parent
+from serve.endpoints import EXIT_TIMEOUT_S, GRPC_PORT, HTTP_PORT, METRICS_PATH, METRICS_PORT, READY_PATH
 from serve.standin import build_shadow_repository
 from serve.supervisor import Supervisor
 
@@ -129,17 +130,20 @@ class TritonServer:
         self,
         model_repository: str | os.PathLike,
         host: str = "127.0.0.1",
-        http_port: int = 8000,
-        grpc_port: int = 8001,
-        metrics_port: int = 8002,
+        http_port: int = HTTP_PORT,
+        grpc_port: int = GRPC_PORT,
+        metrics_port: int = METRICS_PORT,
         server: str | os.PathLike | None = None,
         log: Callable[[str], None] | None = None,
         log_verbose: int = 0,
-        exit_timeout: int = 30,
+        exit_timeout: int = EXIT_TIMEOUT_S,
         extra_args: list[str] | None = None,
         heal: bool = True,
         poll_secs: float = 2.0,
     ) -> None:
+        # Object storage (s3://, gs://, as://) is read by Triton itself: nothing to check or shadow here.
+        self.remote = "://" in str(model_repository)
+        self.repository_url = str(model_repository)
         self.repository = Path(model_repository)
         self.host, self.http_port, self.grpc_port, self.metrics_port = (
             host,
@@ -173,10 +177,12 @@ class TritonServer:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
+        return f"http://{self.host}:{self.metrics_port}{METRICS_PATH}"
 
     # -- lifecycle -------------------------------------------------------------------------
     def _check_repository(self) -> None:
+        if self.remote:
+            return
         if not self.repository.is_dir():
             raise ServerError(f"{self.repository}: no such model repository")
         if not any((p / "config.pbtxt").exists() for p in self.repository.iterdir() if p.is_dir()):
@@ -188,7 +194,7 @@ class TritonServer:
     def _command(self) -> list[str]:
         assert self.binary is not None and self._workdir is not None
         work = Path(self._workdir.name)
-        repository = self.repository.resolve()
+        repository: Path | str = self.repository_url if self.remote else self.repository.resolve()
         cmd = [str(self.binary.executable)]
         if self.binary.wheel_backends is not None:
             backends = work / "backends"
@@ -198,7 +204,11 @@ class TritonServer:
                 raise ServerError(f"no python backend stub for Python {sys.version_info[:2]} in {self.binary.origin}")
             shutil.copy2(stub, backends / "python" / stub.name)
             cmd += ["--backend-directory", str(backends)]
+        if self.remote and not self.binary.has_onnxruntime:
+            raise ServerError(f"{self.repository_url}: a remote repository needs Triton's onnxruntime backend "
+                              "(NVIDIA's container); this server has none")  # fmt: skip
         if not self.binary.has_onnxruntime:
+            assert isinstance(repository, Path)
             self.shadow = work / "repository"
             self.standin_models = build_shadow_repository(repository, self.shadow, gpu=gpu_present())
             repository = self.shadow
@@ -270,7 +280,7 @@ class TritonServer:
 
     def is_ready(self) -> bool:
         try:
-            return self._get("/v2/health/ready")[0] == 200
+            return self._get(READY_PATH)[0] == 200
         except OSError:
             return False
 
@@ -302,10 +312,10 @@ class TritonServer:
         self.supervisor = Supervisor(
             self.http_url,
             self.process.pid,
-            self.repository.resolve(),
+            None if self.remote else self.repository.resolve(),
             self.shadow,
             gpu=gpu_present(),
-            poll_secs=self.poll_secs,
+            poll_secs=0 if self.remote else self.poll_secs,  # a remote repository: roll out by restarting pods
             heal=self.heal,
             log=self.log or (lambda line: self.lines.append(line)),
         )

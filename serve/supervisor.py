@@ -90,7 +90,7 @@ class Supervisor(threading.Thread):
         self,
         http_url: str,
         server_pid: int,
-        repository: Path,
+        repository: Path | None,  # None: a remote repository, not watched
         shadow: Path | None,
         gpu: bool = False,
         poll_secs: float = 2.0,
@@ -104,7 +104,7 @@ class Supervisor(threading.Thread):
         self.log = log
         self._stop_event = threading.Event()
         self._known: dict[int, str] = {}  # live stub pid -> model
-        self._served = {d.name: fingerprint(d) for d in model_dirs(repository)}
+        self._served = {d.name: fingerprint(d) for d in model_dirs(repository)} if repository else {}
         self._pending: dict[str, tuple] = {}
         self._next_poll = time.monotonic() + poll_secs
         self.heals = 0  # how many reloads healed a model (tests and logs read it)
@@ -196,6 +196,8 @@ class Supervisor(threading.Thread):
             delay = min(2 * delay, 30.0)
 
     def _check_repository(self) -> None:
+        if self.repository is None:
+            return
         current = {d.name: fingerprint(d) for d in model_dirs(self.repository)}
         changed = [name for name, fp in current.items() if self._served.get(name) != fp]
         ready = []
@@ -215,6 +217,7 @@ class Supervisor(threading.Thread):
 
     def _roll_out(self, name: str, fp: tuple) -> None:
         started = time.monotonic()
+        assert self.repository is not None
         if self.shadow is not None:
             refresh_shadow_model(self.repository / name, self.shadow, self.gpu)
         error = self.load(name)

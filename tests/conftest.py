@@ -62,9 +62,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small untrained 3G-Net in this project's checkpoint format (64x64 crops)."""
     import torch
 
+    from threegnet_preprocessing import Preprocessing
     from training.checkpoint import make_checkpoint, save_atomic
     from training.model import create_model
-    from training.preprocessing import Preprocessing
 
     torch.manual_seed(0)
     model = create_model("resnet18_3g", num_classes=len(TINY_CLASSES), dim=32)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from threegnet_preprocessing import Preprocessing
 from training.checkpoint import CheckpointError, load_model, make_checkpoint, save_atomic
 from training.model import create_model
-from training.preprocessing import Preprocessing
 
 
 def released_checkpoint(path, arch="resnet18_3g", num_classes=1000, **model_kwargs):

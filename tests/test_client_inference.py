@@ -24,7 +24,7 @@ from client.inference import (
     parse_classes,
 )
 from serve.server import free_port
-from training.preprocessing import Preprocessing, load_and_preprocess
+from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
 PP = Preprocessing(**TINY_PREPROCESSING)
 
@@ -113,7 +113,7 @@ def test_missing_model_lists_the_ready_ones(triton):
         TritonClassifier(triton.http_url, "http", model="resnet_nope").describe()
     message = str(e.value)
     assert "'resnet_nope'" in message and triton.http_url in message
-    assert "ready models: threegnet, threegnet_image, threegnet_preprocess" in message
+    assert "ready models: threegnet, threegnet_classifier, threegnet_image, threegnet_image_classifier," in message
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from threegnet_preprocessing import Preprocessing, preprocess
 from training.data import (
     DataError,
     ImageFolderData,
@@ -17,7 +18,6 @@ from training.data import (
     train_transform,
 )
 from training.distributed import ShardSampler
-from training.preprocessing import Preprocessing, preprocess
 from training.synthetic import generate
 
 PP = Preprocessing(resize=40, crop=32)

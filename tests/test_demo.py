@@ -17,7 +17,7 @@ from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
 from PIL import Image
 
 from serve.server import free_port
-from training.preprocessing import Preprocessing, load_and_preprocess
+from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
 DEMO = ROOT / "client" / "demo.py"
 CHROMIUM = Path("/usr/bin/chromium")

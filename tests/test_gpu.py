@@ -16,9 +16,9 @@ from export.precision import half_precision
 from export.serving_model import ServingModel
 from export.to_onnx import main as export_main
 from serve.server import TritonServer, free_port
+from threegnet_preprocessing import IMAGENET
 from training.checkpoint import load_model
 from training.model import create_model
-from training.preprocessing import IMAGENET
 
 pytestmark = pytest.mark.gpu
 

@@ -14,7 +14,7 @@ from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
 from PIL import Image
 
 from serve.server import free_port, port_in_use
-from training.preprocessing import Preprocessing, load_and_preprocess
+from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
 PREDICT = ROOT / "client" / "predict.py"
 
@@ -147,4 +147,4 @@ def test_missing_model_lists_the_ready_models(triton, images):
     result = predict(str(images), "--url", triton.grpc_url, "--model", "resnet_nope")
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
-    assert "'resnet_nope'" in line and "ready models: threegnet, threegnet_image, threegnet_preprocess" in line
+    assert "'resnet_nope'" in line and "ready models: threegnet, threegnet_classifier, threegnet_image," in line

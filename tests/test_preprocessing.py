@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from torchvision import transforms
 
-from training.preprocessing import (
+from threegnet_preprocessing import (
     MAX_PIXELS,
     ImageError,
     Preprocessing,

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +23,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from serve.server import ServerError, TritonServer, free_port
-from training.preprocessing import Preprocessing, load_and_preprocess
+from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
 PP = Preprocessing(resize=73, crop=64)
 
@@ -61,7 +62,14 @@ def tensor_input(module, x: np.ndarray):
 def test_server_and_models_are_ready(triton):
     assert triton.is_ready()
     states = {m["name"]: m["state"] for m in triton.models()}
-    assert states == {"threegnet": "READY", "threegnet_preprocess": "READY", "threegnet_image": "READY"}
+    names = (
+        "threegnet",
+        "threegnet_preprocess",
+        "threegnet_image",
+        "threegnet_classifier",
+        "threegnet_image_classifier",
+    )
+    assert states == dict.fromkeys(names, "READY")
     assert triton.host == "127.0.0.1"
 
 
@@ -137,10 +145,20 @@ def test_metrics_count_inferences(triton):
         lines = [ln for ln in text.splitlines() if ln.startswith('nv_inference_count{model="threegnet_image"')]
         return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
 
-    before = count()
+    def settled() -> float:
+        """Triton records an ensemble's statistics just after it answers: wait for earlier tests' to land."""
+        value = count()
+        for _ in range(50):
+            time.sleep(0.2)
+            value, previous = count(), value
+            if value == previous:
+                return value
+        return value
+
+    before = settled()
     module, c = client(triton, "http")
     c.infer("threegnet_image", [bytes_input(module, [png(64, 64), png(80, 70)])])
-    assert count() == before + 2
+    assert settled() == before + 2
 
 
 def bomb() -> bytes:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from threegnet_preprocessing import Preprocessing
 from training.checkpoint import load_model
 from training.model import create_model
-from training.preprocessing import Preprocessing
 from training.synthetic import generate
 from training.train import main, parse_args
 

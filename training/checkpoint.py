@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from threegnet_preprocessing import IMAGENET, Preprocessing
 from training.model import ThreeGNet, create_model, infer_config
-from training.preprocessing import IMAGENET, Preprocessing
 
 FORMAT = "threegnet-checkpoint"
 FORMAT_VERSION = 1

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from training.preprocessing import ImageError, Preprocessing, open_image
+from threegnet_preprocessing import ImageError, Preprocessing, open_image
 
 EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 
@@ -145,7 +145,7 @@ def train_transform(pp: Preprocessing, min_scale: float = 0.08) -> Callable[[Ima
 def eval_transform(pp: Preprocessing, ten_crop: bool = False) -> Callable[[Image.Image], Tensor]:
     """Resize + CenterCrop (``(3, crop, crop)``), or Resize + TenCrop (``(10, 3, crop, crop)``).
 
-    Resize + CenterCrop is what :func:`training.preprocessing.preprocess` reproduces at
+    Resize + CenterCrop is what :func:`threegnet_preprocessing.preprocess` reproduces at
     serving time, so validation numbers are the served model's numbers.
     """
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(pp.mean, pp.std)])

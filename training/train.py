@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader, DistributedSampler
 
+from threegnet_preprocessing import Preprocessing
 from training import distributed
 from training.checkpoint import CheckpointError, load_model, make_checkpoint, save_atomic
 from training.data import (
@@ -39,7 +40,6 @@ from training.data import (
 )
 from training.engine import EpochStats, evaluate, train_one_epoch
 from training.model import ARCHS, ThreeGNet, create_model
-from training.preprocessing import Preprocessing
 
 # The released schedules (DESIGN §1): SGD, momentum 0.9, lr 0.1, wd 1e-4, batch 256, lr x0.1 at the steps.
 RECIPES: dict[str, dict[str, Any]] = {

@@ -1,7 +1,7 @@
 """Triton python-backend model: encoded image bytes to the ONNX model's uint8 input.
 
 The exporter copies this file into the model repository as ``model.py``, beside a
-copy of ``training/preprocessing.py`` (as ``threegnet_preprocessing.py``), so the
+copy of ``threegnet_preprocessing.py`` (as ``threegnet_preprocessing.py``), so the
 server decodes, orients, resizes and crops exactly as training evaluated. Each
 request gets its own answer: a bad image fails its request with a message that
 names the problem, and the other requests of the batch go on.
