@@ -132,8 +132,10 @@ class Supervisor(threading.Thread):
     def _expected_processes(self, model: str) -> int:
         """Stub processes a READY python model should have: ready versions x instances."""
         status, body = self._request("/v2/repository/index", {}, timeout=5)
+        if status != 200:
+            return 0
         ready = sum(1 for m in json.loads(body) if m.get("name") == model and m.get("state") == "READY")
-        if status != 200 or not ready:
+        if not ready:
             return 0
         status, body = self._request(f"/v2/models/{model}/config", timeout=5)
         if status != 200:
@@ -162,6 +164,8 @@ class Supervisor(threading.Thread):
                 if self._stop_event.is_set():
                     return
                 self.log(f"[supervisor] cannot reach Triton: {e}")
+            except Exception as e:  # whatever happens, keep supervising
+                self.log(f"[supervisor] unexpected {type(e).__name__}: {e}")
 
     def _check_backends(self) -> None:
         now = {p.pid: p.model for p in backend_processes(self.server_pid)}
@@ -233,7 +237,9 @@ class Supervisor(threading.Thread):
         )
 
     def _ready_versions(self, name: str) -> list[str]:
-        _, body = self._request("/v2/repository/index", {}, timeout=5)
+        status, body = self._request("/v2/repository/index", {}, timeout=5)
+        if status != 200:
+            return []
         return sorted(
             (str(m.get("version")) for m in json.loads(body) if m.get("name") == name and m.get("state") == "READY"),
             key=lambda v: int(v) if v.isdigit() else -1,
