@@ -75,7 +75,7 @@ def train_and_evaluate(name: str, data: Path, args: argparse.Namespace, seed: in
     classes = check_classes(data, ("train", "val"))
     pp = Preprocessing(resize=args.resize, crop=args.image_size)
     train_set = ImageFolderData(data / "train", classes, train_transform(pp, args.min_scale))
-    val_set = ImageFolderData(data / "val", classes, eval_transform(pp))
+    val_set = ImageFolderData(data / "val", classes, eval_transform(pp), min_side=pp.resize)
     torch.manual_seed(seed)
     model = build(name, len(classes), args.dim).to(ctx.device)
     generator = torch.Generator().manual_seed(seed)

@@ -40,7 +40,7 @@ from client.inference import (
     ModelInfo,
     TritonClassifier,
 )
-from threegnet_preprocessing import ImageError, open_image, preprocess
+from threegnet_preprocessing import ImageError, load_and_preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXAMPLES = ROOT / "data" / "demo" / "val"
@@ -122,7 +122,7 @@ class Demo:
         if info.preprocessing is None:
             return None, note
         try:
-            crop = preprocess(open_image(data), info.preprocessing)
+            crop = load_and_preprocess(data, info.preprocessing)
         except ImageError:  # the server decoded it; a local decoder without that codec may not
             return None, note
         scale = max(1, -(-DISPLAY_SIZE // info.preprocessing.crop))  # whole pixels: the crop as the model saw it

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from threegnet_preprocessing import Preprocessing, preprocess
+from threegnet_preprocessing import Preprocessing, load_and_preprocess, preprocess
 from training.data import (
     DataError,
     ImageFolderData,
@@ -118,6 +118,20 @@ def test_eval_transform_is_the_serving_preprocessing():
     expected = torch.tensor(preprocess(img, PP)).permute(2, 0, 1).float() / 255
     mean, std = torch.tensor(PP.mean)[:, None, None], torch.tensor(PP.std)[:, None, None]
     torch.testing.assert_close(eval_transform(PP)(img), (expected - mean) / std)
+
+
+def test_evaluation_decodes_large_photos_as_the_server_does(tmp_path):
+    """A camera-sized JPEG takes the served fast path in evaluation too (reduced DCT scale,
+    box pre-shrink), so validation accuracy is the served model's accuracy."""
+    (tmp_path / "c").mkdir()
+    path = tmp_path / "c" / "photo.jpg"
+    _noise((32, 24), seed=3).resize((1600, 1200), Image.Resampling.BICUBIC).save(path, quality=90)
+    sample, _ = ImageFolderData(tmp_path, ["c"], eval_transform(PP), min_side=PP.resize)[0]
+    served = torch.tensor(load_and_preprocess(path, PP)).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(PP.mean)[:, None, None], torch.tensor(PP.std)[:, None, None]
+    torch.testing.assert_close(sample, (served - mean) / std)
+    exact = torch.tensor(load_and_preprocess(path, PP, fast=False)).permute(2, 0, 1).float() / 255
+    assert not torch.equal(served, exact)  # the fast path did take effect on this image
 
 
 def test_ten_crop_and_train_shapes():

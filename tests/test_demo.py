@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
+from photos import photos
 from PIL import Image
 
 from serve.server import free_port
@@ -196,3 +197,21 @@ def test_in_a_browser_upload_shows_the_top_classes(demo_url, image, expected, ar
             browser.close()
     outside = sorted({url for url in requested if not url.startswith(demo_url)})
     assert not outside, f"the page reached beyond the demo: {outside}"
+
+
+def test_the_files_people_upload_are_classified(api, model_repository, tmp_path):
+    """Each kind of file of tests/photos.py uploaded to the page: the top classes come back, as the
+    exported model scores the shared decoder's crop, and the weight map is drawn (decoded here too)."""
+    from gradio_client import handle_file
+
+    session = ort.InferenceSession(str(model_repository / "threegnet" / "1" / "model.onnx"))
+    pp = Preprocessing(**TINY_PREPROCESSING)
+    for photo in photos():
+        path = tmp_path / f"{photo.name}{photo.suffix}"
+        path.write_bytes(photo.data)
+        expected = session.run(["probabilities"], {"image": load_and_preprocess(path, pp)[None]})[0][0]
+        label, weight_map, details = api.predict(handle_file(str(path)), True, api_name="/classify")
+        assert label["label"] == TINY_CLASSES[int(np.argmax(expected))], (photo.name, details)
+        top = label["confidences"][0]
+        assert top["confidence"] == pytest.approx(float(expected.max()), abs=2e-6), photo.name
+        assert weight_map is not None, (photo.name, details)

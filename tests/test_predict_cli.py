@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
+from photos import photos
 from PIL import Image
 
 from serve.server import free_port, port_in_use
@@ -148,3 +149,22 @@ def test_missing_model_lists_the_ready_models(triton, images):
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
     assert "'resnet_nope'" in line and "ready models: threegnet, threegnet_classifier, threegnet_image," in line
+
+
+@pytest.mark.parametrize("send", ["bytes", "tensor"])
+def test_the_files_people_upload_are_classified(triton, model_repository, tmp_path, send):
+    """A folder of what cameras and screenshots make (tests/photos.py): HEIC, AVIF, 12 MP, progressive
+    and CMYK JPEGs, 16-bit and 4 MP PNGs, an EXIF-rotated photo; decoded by the server (bytes) or here."""
+    session = ort.InferenceSession(str(model_repository / "threegnet" / "1" / "model.onnx"))
+    pp = Preprocessing(**TINY_PREPROCESSING)
+    expected = {}
+    for photo in photos():
+        path = tmp_path / f"{photo.name}{photo.suffix}"
+        path.write_bytes(photo.data)
+        expected[str(path)] = session.run(["probabilities"], {"image": load_and_preprocess(path, pp)[None]})[0][0]
+    result = predict(str(tmp_path), "--json", "--top-k", "2", "--send", send, "--url", triton.grpc_url)
+    assert result.returncode == 0, result.stderr
+    records = json_lines(result.stdout)
+    assert sorted(records) == sorted(expected)  # .heic and .avif found in the folder too
+    for path, record in records.items():
+        check_top_k(record, expected[path], 2)

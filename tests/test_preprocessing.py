@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from photos import photos
 from PIL import Image
 from torchvision import transforms
 
@@ -122,3 +123,48 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert len(data) < 200_000
     with pytest.raises(ImageError, match="decompression bomb"):
         open_image(data)
+
+
+def test_decompression_bomb_is_refused_before_the_fast_decoder_too():
+    side = int(MAX_PIXELS**0.5) + 16
+    data = encode(Image.new("L", (side, 16)).resize((side, side)), "JPEG", quality=5)
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_and_preprocess(data)  # fast: draft mode, still checked on the header first
+
+
+# -- the files people upload (tests/photos.py builds each) and the fast decoding path -----------------
+
+PHOTOS = {p.name: p for p in photos()}
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+def test_uploaded_formats_decode_to_what_a_viewer_shows(name):
+    photo = PHOTOS[name]
+    img = open_image(photo.data)
+    assert img.mode == "RGB"
+    assert img.size == (photo.expected.shape[1], photo.expected.shape[0])  # EXIF rotation applied
+    error = np.abs(np.asarray(img, dtype=np.float64) - photo.expected).mean()
+    assert error <= photo.tolerance, f"{name}: mean |Δ| {error:.2f} over {photo.tolerance}"
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+def test_uploaded_formats_preprocess_fast_close_to_exact(name):
+    photo = PHOTOS[name]
+    fast, exact = load_and_preprocess(photo.data), load_and_preprocess(photo.data, fast=False)
+    assert fast.shape == exact.shape == (224, 224, 3)
+    assert np.abs(fast.astype(int) - exact).mean() < 2.0
+
+
+def test_a_camera_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_resize():
+    data = PHOTOS["camera_jpeg"].data  # 4032 x 3024
+    assert open_image(data, min_side=256).size == (504, 378)  # 1/8: 378 >= 256
+    assert open_image(data, min_side=400).size == (1008, 756)  # 1/4: 1/8 would leave 378 < 400
+    assert open_image(data, min_side=3024).size == (4032, 3024)
+    assert open_image(data).size == (4032, 3024)
+
+
+def test_the_exact_path_is_still_torchvisions():
+    img = noise_image(3200, 2400)  # 9.4x down to 341x256: over REDUCING_GAP, so the fast path pre-shrinks
+    ref = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])(img)
+    np.testing.assert_array_equal(load_and_preprocess(encode(img, "PNG"), fast=False), np.asarray(ref))
+    assert not np.array_equal(load_and_preprocess(encode(img, "PNG")), np.asarray(ref))  # box pre-shrink

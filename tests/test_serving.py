@@ -19,6 +19,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import ROOT, TINY_CLASSES
+from photos import photos
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
@@ -92,6 +93,19 @@ def test_image_bytes_match_local_preprocessing(triton, reference, protocol):
     ref = reference(x)
     np.testing.assert_allclose(result.as_numpy("probabilities"), ref["probabilities"], atol=1e-6)
     np.testing.assert_allclose(result.as_numpy("logits"), ref["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_files_people_upload_are_served(triton, reference, protocol):
+    """12 MP, progressive and CMYK JPEGs, HEIC, AVIF, 16-bit PNG, a 4 MP screenshot, an EXIF-rotated
+    photo (tests/photos.py): each accepted, and answered as the shared decoder decodes it here."""
+    module, c = client(triton, protocol)
+    for photo in photos():
+        result = c.infer("threegnet_image", [bytes_input(module, [photo.data])])
+        ref = reference(load_and_preprocess(photo.data, PP)[None])
+        np.testing.assert_allclose(
+            result.as_numpy("probabilities"), ref["probabilities"], atol=1e-6, err_msg=photo.name
+        )
 
 
 def test_only_requested_outputs_come_back(triton):

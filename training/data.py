@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from threegnet_preprocessing import ImageError, Preprocessing, open_image
+from threegnet_preprocessing import ImageError, Preprocessing, open_image, resize_shorter
 
 EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 
@@ -90,13 +90,23 @@ class Unreadable:
 
 class ImageFolderData(Dataset):
     """``ImageFolder`` that decodes with :func:`open_image` (any mode to RGB) and never raises
-    on a bad file: it returns :class:`Unreadable`, which :func:`collate_skipping` drops."""
+    on a bad file: it returns :class:`Unreadable`, which :func:`collate_skipping` drops.
 
-    def __init__(self, split_dir: Path, classes: Sequence[str], transform: Callable[[Image.Image], Tensor]):
+    ``min_side``: large JPEGs may be decoded at a reduced scale keeping both sides >= it
+    (for evaluation: the served decode, see :func:`threegnet_preprocessing.open_image`)."""
+
+    def __init__(
+        self,
+        split_dir: Path,
+        classes: Sequence[str],
+        transform: Callable[[Image.Image], Tensor],
+        min_side: int | None = None,
+    ):
         self.root = split_dir
         self.classes = list(classes)
         self.samples = scan(split_dir, self.classes)
         self.transform = transform
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -104,7 +114,7 @@ class ImageFolderData(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int] | Unreadable:
         path, target = self.samples[index]
         try:
-            img = open_image(path)
+            img = open_image(path, min_side=self.min_side)
         except (ImageError, OSError) as e:
             return Unreadable(os.path.relpath(path, self.root), str(e).splitlines()[0])
         return self.transform(img), target
@@ -145,13 +155,24 @@ def train_transform(pp: Preprocessing, min_scale: float = 0.08) -> Callable[[Ima
 def eval_transform(pp: Preprocessing, ten_crop: bool = False) -> Callable[[Image.Image], Tensor]:
     """Resize + CenterCrop (``(3, crop, crop)``), or Resize + TenCrop (``(10, 3, crop, crop)``).
 
-    Resize + CenterCrop is what :func:`threegnet_preprocessing.preprocess` reproduces at
-    serving time, so validation numbers are the served model's numbers.
+    The resize is the served one (:func:`threegnet_preprocessing.resize_shorter`, fast path),
+    so with ``ImageFolderData(..., min_side=pp.resize)`` validation numbers are the served
+    model's numbers.
     """
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(pp.mean, pp.std)])
     crop = transforms.TenCrop(pp.crop) if ten_crop else transforms.CenterCrop(pp.crop)
     last = _StackCrops(to_tensor) if ten_crop else to_tensor
-    return transforms.Compose([transforms.Resize(pp.resize), crop, last])
+    return transforms.Compose([_ServedResize(pp.resize), crop, last])
+
+
+class _ServedResize:
+    """Shorter side to ``size`` as the server resizes (a class, not a lambda: workers pickle it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return resize_shorter(img, self.size, fast=True)
 
 
 class _StackCrops:

@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_classes is not None and args.num_classes != len(classes):
         raise UsageError(f"--num-classes {args.num_classes}, but {args.data} has {len(classes)} class folders")
     pp = Preprocessing(resize=args.resize, crop=args.image_size)
-    val_set = ImageFolderData(args.data / "val", classes, eval_transform(pp, args.ten_crop))
+    val_set = ImageFolderData(args.data / "val", classes, eval_transform(pp, args.ten_crop), min_side=pp.resize)
     if not args.evaluate:
         train_set = ImageFolderData(args.data / "train", classes, train_transform(pp, args.min_scale))
     source = resume_path(args) or args.finetune
