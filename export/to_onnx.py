@@ -41,19 +41,30 @@ from export.triton_config import (
     MAX_BATCH_SIZE,
     MAX_QUEUE_SIZE,
     MODEL_INSTANCES,
+    PREPROCESS_INSTANCES,
     QUEUE_TIMEOUT_MS,
     VERSION_POLICY,
     ModelSpec,
     version_policy,
 )
-from export.verify import VerificationError, VerificationReport, check, compare
+from export.verify import (
+    CONFIDENT_MARGIN,
+    VerificationError,
+    VerificationReport,
+    agreement,
+    check,
+    check_agreement,
+    compare,
+    probabilities,
+)
 from threegnet_preprocessing import ImageError, Preprocessing, load_and_preprocess
 from training.checkpoint import CheckpointError, load_model, sha256sum
 from training.model import ARCHS
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-# Tolerances per precision: (max |Δ probability| vs PyTorch fp32, min top-1 agreement).
-TOLERANCES = {"fp32": (1e-3, 1.0), "fp16": (0.05, 0.9), "int8": (1.0, 0.9)}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+# Tolerances per precision: (max |Δ probability| vs PyTorch fp32, min top-1 agreement). INT8 is judged
+# by export.verify.check_agreement instead: no top-1 change where fp32 is sure, no accuracy lost.
+TOLERANCES = {"fp32": (1e-3, 1.0), "fp16": (0.05, 0.9), "int8": (1.0, 0.0)}
 
 
 class ExportInputError(ValueError):
@@ -80,7 +91,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--labels", type=Path, help="class names, one per line (Places365 'path index' lines work)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16: for GPUs; int8: for CPU serving")
     p.add_argument("--calibration-images", type=Path, help="folder of images to calibrate INT8 on (required for int8)")
-    p.add_argument("--verify-images", type=Path, help="folder of images to verify on (default: calibration or noise)")
+    p.add_argument(
+        "--verify-images",
+        type=Path,
+        help="folder of images to verify on, held out from calibration; class sub-folders named as the labels "
+        "give accuracies too (default: the calibration images, or noise)",
+    )
+    p.add_argument(
+        "--int8-confident-margin",
+        type=float,
+        default=CONFIDENT_MARGIN,
+        help=f"INT8 must agree with fp32 on every image where fp32's top-1 margin is at least this "
+        f"(default {CONFIDENT_MARGIN})",
+    )
     p.add_argument("--max-images", type=int, default=64, help="images read from each folder at most (default: 64)")
     p.add_argument("--tensorrt-fp16", action="store_true", help="add the TensorRT FP16 accelerator (GPU deployments)")
     p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help=f"default: {MAX_BATCH_SIZE}")
@@ -95,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=INTRA_OP_THREADS,
         help="onnxruntime threads per instance (default: 0 = the cores shared out among the instances)",
+    )
+    p.add_argument(
+        "--preprocess-instances",
+        type=int,
+        default=PREPROCESS_INSTANCES,
+        help=f"image decoders (default: one per core here, {PREPROCESS_INSTANCES}; size it for the serving machine)",
     )
     p.add_argument(
         "--queue-timeout-ms",
@@ -116,8 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--version", type=int, help="version number to write (default: the next free one)")
     p.add_argument("--force", action="store_true", help="replace an existing version (default: the latest)")
     args = p.parse_args(argv)
-    if args.max_batch_size < 1 or args.instances < 1 or args.intra_op_threads < 0:
-        p.error("--max-batch-size and --instances must be >= 1, --intra-op-threads >= 0")
+    if args.max_batch_size < 1 or args.instances < 1 or args.preprocess_instances < 1 or args.intra_op_threads < 0:
+        p.error("--max-batch-size, --instances and --preprocess-instances must be >= 1, --intra-op-threads >= 0")
     if args.queue_timeout_ms < 0 or args.max_queue_size < 0:
         p.error("--queue-timeout-ms and --max-queue-size must be >= 0")
     try:
@@ -127,22 +156,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_images(folder: Path, pp: Preprocessing, limit: int) -> np.ndarray:
-    """Up to ``limit`` images under ``folder`` (recursive, sorted), preprocessed to uint8 NHWC."""
+def read_images(
+    folder: Path, pp: Preprocessing, limit: int, class_names: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Up to ``limit`` images under ``folder`` (recursive, sorted), preprocessed to uint8 NHWC, and
+    their labels when every image sits in a sub-folder named as one of ``class_names``."""
     if not folder.is_dir():
         raise ExportInputError(f"{folder}: no such folder")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     # Spread the picks over the folder (class folders are sorted) rather than taking the first class.
     step = max(1, len(files) // limit)
-    images = []
+    images, classes = [], []
     for path in files[::step][:limit]:
         try:
             images.append(load_and_preprocess(path, pp))
         except ImageError as e:
             log(f"skipping {path}: {e}")
+            continue
+        parts = path.relative_to(folder).parts
+        classes.append(parts[0] if len(parts) > 1 else None)
     if not images:
         raise ExportInputError(f"{folder}: no readable images")
-    return np.stack(images)
+    labelled = class_names is not None and all(c in class_names for c in classes)
+    labels = np.array([class_names.index(c) for c in classes]) if labelled else None
+    return np.stack(images), labels
 
 
 def noise_images(pp: Preprocessing, count: int = 2 * TRACE_BATCH) -> np.ndarray:
@@ -182,9 +219,10 @@ def run(args: argparse.Namespace) -> int:
     pp = loaded.preprocessing
     serving = ServingModel(loaded.model, pp).eval()
 
-    calibration = read_images(args.calibration_images, pp, args.max_images) if args.calibration_images else None
+    calibration = read_images(args.calibration_images, pp, args.max_images)[0] if args.calibration_images else None
+    labels_of_images = None
     if args.verify_images:
-        images = read_images(args.verify_images, pp, args.max_images)
+        images, labels_of_images = read_images(args.verify_images, pp, args.max_images, labels)
     else:
         images = calibration if calibration is not None else noise_images(pp)
 
@@ -207,6 +245,15 @@ def run(args: argparse.Namespace) -> int:
             quantize_int8(fp32_path, final, calibration, work)
             check_graph(onnx.load(str(final)))
             reports["int8_vs_fp32"] = verify("int8 ONNX vs fp32 ONNX", final, fp32_path, images, "int8")
+            if args.verify_images is None:
+                log("  (verified on the calibration images: pass --verify-images with held-out ones for a fair test)")
+            agreed = agreement(
+                probabilities(final, images), probabilities(fp32_path, images), labels_of_images,
+                args.int8_confident_margin,
+            )  # fmt: skip
+            log(f"  int8 vs fp32: {agreed.summary()}")
+            check_agreement(agreed, "the INT8 model")
+            int8_summary = agreed.summary()
 
         model = onnx.load(str(final))
         outputs = output_names(serving)
@@ -244,7 +291,10 @@ def run(args: argparse.Namespace) -> int:
                 "labels": labels,
                 "source_checkpoint": args.checkpoint.name,
                 "exporter": exporter,
-                "verification": {k: r.summary() for k, r in reports.items()},
+                "verification": {
+                    **{k: r.summary() for k, r in reports.items()},
+                    **({"int8_agreement": int8_summary} if args.precision == "int8" else {}),
+                },
             },
         )
         onnx.save(model, str(final))
@@ -263,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
             queue_timeout_ms=args.queue_timeout_ms,
             max_queue_size=args.max_queue_size,
             version_policy=args.version_policy,
+            preprocess_instances=args.preprocess_instances,
         )
         written = write_repository(output_dir, spec, final, labels, pp.to_dict(), version)
 

@@ -7,6 +7,7 @@ here, at export time, instead of when the server loads the model.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +46,23 @@ MODEL_INSTANCES = 1
 # onnxruntime backend reads 0 as "all cores", so with several instances on a CPU-only deployment in
 # NVIDIA's container give cores / instances).
 INTRA_OP_THREADS = 0
-# Decoding + resizing + cropping is single-threaded Pillow work (0.3 ms for the benchmark's 256x256
-# JPEGs, more for camera-sized ones): two instances, one per core, so a burst of large uploads is
-# decoded in parallel; idle instances cost nothing.
-PREPROCESS_INSTANCES = 2
+# The preprocessing model (decode + resize + crop: single-threaded Pillow, so one thread per instance)
+# gets one instance per core of the machine that exports, at most MAX_PREPROCESS_INSTANCES
+# (to_onnx.py --preprocess-instances to size it for another machine). Why one per core: a 12 MP
+# JPEG costs 20-30 ms of one core even on the fast path (docs/performance.md section 6), so on a GPU,
+# where the model answers in a few ms, decoding is the bottleneck and wants every core; on a CPU the
+# model and the decoders share the cores, and bench/payloads.py measured on 2 cores (concurrency 4,
+# 12 MP JPEGs) that 2 instances served 1.13x 1 instance, and 4 no more than 2 (instances beyond the
+# cores only take turns). An idle instance costs memory only (about 60 MB), hence the cap.
+MAX_PREPROCESS_INSTANCES = 16
+
+
+def default_preprocess_instances() -> int:
+    """One preprocessing instance per core this process may use, 1 to MAX_PREPROCESS_INSTANCES."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_PREPROCESS_INSTANCES))
+
+
+PREPROCESS_INSTANCES = default_preprocess_instances()
 # Admission control (to_onnx.py --max-queue-size / --queue-timeout-ms): without it Triton's queue is
 # unbounded, and 2x overload gave p99 30 s here (DESIGN §5). The main bound is the queue's length: a
 # request that finds MAX_QUEUE_SIZE requests waiting is refused at once (gRPC UNAVAILABLE, HTTP 503).
@@ -86,6 +100,7 @@ class ModelSpec:
     queue_timeout_ms: int = QUEUE_TIMEOUT_MS  # 0: no admission control
     max_queue_size: int = MAX_QUEUE_SIZE
     version_policy: str = VERSION_POLICY
+    preprocess_instances: int = PREPROCESS_INSTANCES
 
     @property
     def preprocess_name(self) -> str:
@@ -222,7 +237,7 @@ def preprocess_model_config(spec: ModelSpec, preprocessing: dict[str, Any]) -> m
         input=[_tensor(BYTES_INPUT, mc.TYPE_STRING, [1])],
         output=[_tensor("image", mc.TYPE_UINT8, [spec.crop, spec.crop, 3])],
         dynamic_batching=dynamic_batching(spec),
-        instance_group=[mc.ModelInstanceGroup(count=PREPROCESS_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU)],
+        instance_group=[mc.ModelInstanceGroup(count=spec.preprocess_instances, kind=mc.ModelInstanceGroup.KIND_CPU)],
     )
     _parameters(cfg, {"preprocessing": preprocessing})
     return cfg

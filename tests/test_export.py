@@ -19,7 +19,8 @@ from test_checkpoint import released_checkpoint
 
 from export.serving_model import ServingModel
 from export.to_onnx import main as export_main
-from export.triton_config import parse_pbtxt
+from export.triton_config import PREPROCESS_INSTANCES, parse_pbtxt
+from export.verify import VerificationError, agreement, check_agreement
 from training.checkpoint import load_model
 
 
@@ -219,6 +220,68 @@ def test_int8_keeps_the_second_order_head_and_softmax_in_fp32(tiny_checkpoint, t
     assert "QuantizeLinear" not in consumers
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["precision"] == "int8"
+
+
+def test_int8_gate_allows_flips_on_near_ties_only_and_no_lost_accuracy():
+    reference = np.array([[0.60, 0.30, 0.10], [0.40, 0.39, 0.21], [0.20, 0.70, 0.10]])
+    labels = np.array([0, 1, 1])  # fp32 gets 2 of 3 right
+    near_tie_flip = np.array([[0.55, 0.35, 0.10], [0.39, 0.40, 0.21], [0.20, 0.70, 0.10]])
+    a = agreement(near_tie_flip, reference, labels)
+    assert (a.images, a.confident, a.confident_disagreements) == (3, 2, 0)
+    assert a.disagreement_margins == pytest.approx([0.01]) and a.top1_agreement == pytest.approx(2 / 3)
+    check_agreement(a, "int8")  # a near tie may go either way; accuracy did not drop (3 of 3 right)
+    confident_flip = np.array([[0.30, 0.60, 0.10], [0.40, 0.39, 0.21], [0.20, 0.70, 0.10]])
+    with pytest.raises(VerificationError, match=r"1 of the 2 images where fp32's top-1 margin is >= 0\.1"):
+        check_agreement(agreement(confident_flip, reference, labels), "int8")
+    lost = agreement(reference, reference, labels)
+    lost.accuracy = 0.99 * lost.accuracy_reference
+    with pytest.raises(VerificationError, match=r"accuracy 66.0% is under 99.5% of fp32's 66.7%"):
+        check_agreement(lost, "int8")
+
+
+def labelled_images(folder: Path, per_class: int = 12) -> Path:
+    """Noise images in class folders named as the tiny model's labels (what --verify-images reads)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for name in TINY_CLASSES:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(folder / name / f"{i}.png")
+    return folder
+
+
+def test_int8_export_prints_agreement_and_accuracy_and_refuses_below_the_gate(tiny_checkpoint, tmp_path):
+    calibration, held_out = calibration_images(tmp_path / "calib"), labelled_images(tmp_path / "val")
+    args = ["--checkpoint", str(tiny_checkpoint), "--precision", "int8", "--calibration-images", str(calibration),
+            "--verify-images", str(held_out)]  # fmt: skip
+    result = run_export(*args, "--output-dir", str(tmp_path / "repo"))
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stderr.splitlines() if "int8 vs fp32: top-1 agreement" in x)
+    assert f"on {12 * len(TINY_CLASSES)} images" in line and "accuracy" in line and "vs fp32" in line
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "repo" / "threegnet" / "1" / "model.onnx")).metadata_props}
+    assert json.loads(meta["verification"])["int8_agreement"] in line
+    # Every image "confident" (margin 0): any top-1 change at all must now refuse the export, and write nothing.
+    differ = int(line.split(" differ;")[0].rsplit("(", 1)[1])
+    strict = run_export(*args, "--output-dir", str(tmp_path / "strict"), "--int8-confident-margin", "0")
+    if differ:
+        assert strict.returncode == 2 and "the INT8 model refused" in strict.stderr, strict.stderr
+        assert not (tmp_path / "strict" / "threegnet" / "1").exists()
+    else:
+        assert strict.returncode == 0, strict.stderr
+
+
+def test_preprocessing_instances_follow_the_cores_or_the_flag(tiny_checkpoint, tmp_path):
+    import os
+
+    assert max(1, min(len(os.sched_getaffinity(0)), 16)) == PREPROCESS_INSTANCES
+    args = ["--checkpoint", str(tiny_checkpoint), "--output-dir", str(tmp_path / "repo")]
+    assert export_main(args) == 0
+    config = parse_pbtxt((tmp_path / "repo" / "threegnet_preprocess" / "config.pbtxt").read_text())
+    assert config.instance_group[0].count == PREPROCESS_INSTANCES
+    assert export_main([*args, "--preprocess-instances", "5"]) == 0
+    config = parse_pbtxt((tmp_path / "repo" / "threegnet_preprocess" / "config.pbtxt").read_text())
+    assert config.instance_group[0].count == 5
 
 
 def test_fp16_keeps_the_head_in_fp32(tiny_checkpoint, tmp_path):

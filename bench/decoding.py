@@ -1,0 +1,255 @@
+"""Fast vs exact decoding of camera-sized photos: what it saves and what it changes.
+
+Held-out built-in texture images (``training/synthetic.py``, rendered at the size the
+model's training images had: a texture's scale depends on it) become 12 MP phone photos:
+upscaled to 3024 x 3024, mirrored out to 4032 x 3024, sensor noise added (the full-size
+detail that the two decoders shrink differently), saved as JPEG (quality 92, 4:2:0). Each is then decoded
+and preprocessed twice by ``threegnet_preprocessing``: exact (full decode, torchvision's
+resize) and fast (the default: libjpeg's DCT scaling to the smallest scale that keeps the
+shorter side >= the resize target, box pre-shrink of large reductions). Both crops go
+through the same trained model; the table gives top-1 agreement, the largest probability
+difference and each path's accuracy, and the decode time of each path (plus simplejpeg,
+a dedicated libjpeg-turbo binding, when it is installed).
+
+Models: ResNet50-3G at 224 px with a head trained on built-in textures (the model of
+``bench/low_precision.py``), and the demo model (``model_repository/threegnet``, after
+``make demo``) when it is there.
+
+    .venv/bin/python bench/decoding.py [--quick] [--demo-repository model_repository]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import ROOT, Settings, entry, log, md_table, ort_session, part_parser, report, stage
+
+CAMERA = (4032, 3024)  # a 12 MP phone photo, landscape
+NOISE_SIGMA = 4.0  # sensor noise, in 8-bit levels
+QUALITY = 92
+CHUNK = 16
+DEMO_RENDER = 128  # pipeline/demo.py's training images
+
+
+def camera_photos(classes: int, per_class: int, render_size: int, seed: int = 7) -> Iterator[tuple[bytes, int]]:
+    """(JPEG bytes, label) of held-out-style textures rendered at ``render_size``, as 12 MP photos
+    (see the module docstring); labels index ``training.synthetic.CLASSES``."""
+    from PIL import Image
+
+    from training.synthetic import CLASSES, image_rng, render
+
+    w, h = CAMERA
+    noise = np.random.default_rng(seed).normal(0, NOISE_SIGMA, (h, w, 3)).astype(np.float32)
+    for i in range(per_class):
+        for label in range(classes):
+            rng = image_rng(seed, "val", label, i)
+            square = Image.fromarray(render(CLASSES[label], render_size, rng)).resize((h, h), Image.Resampling.BICUBIC)
+            pad = (w - h) // 2
+            pixels = np.pad(np.asarray(square, dtype=np.float32), ((0, 0), (pad, w - h - pad), (0, 0)), "reflect")
+            pixels = np.clip(pixels + np.roll(noise, i * 97, axis=1), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="JPEG", quality=QUALITY)
+            yield buf.getvalue(), label
+
+
+def _simplejpeg_path(resize: int, crop: int) -> Callable[[bytes], np.ndarray] | None:
+    """libjpeg-turbo through simplejpeg (DCT-scaled to the same minimum size), then the same resize
+    and crop: only to compare decoders; not a dependency."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    from PIL import Image
+
+    from threegnet_preprocessing import center_crop, resize_shorter
+
+    def run(data: bytes) -> np.ndarray:
+        pixels = simplejpeg.decode_jpeg(data, min_height=resize, min_width=resize)
+        return np.asarray(center_crop(resize_shorter(Image.fromarray(pixels), resize, fast=True), crop))
+
+    return run
+
+
+def decode_both(blobs: list[bytes], resize: int, crop: int) -> dict[str, Any]:
+    """Exact and fast crops of every photo, with each path's time per photo (one core)."""
+    from threegnet_preprocessing import Preprocessing, load_and_preprocess
+
+    pp = Preprocessing(resize=resize, crop=crop)
+    paths: dict[str, Callable[[bytes], np.ndarray]] = {
+        "exact": lambda d: load_and_preprocess(d, pp, fast=False),
+        "fast": lambda d: load_and_preprocess(d, pp),
+    }
+    other = _simplejpeg_path(resize, crop)
+    if other is not None:
+        paths["simplejpeg"] = other
+    crops: dict[str, list[np.ndarray]] = {k: [] for k in paths}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for data in blobs:
+        for name, fn in paths.items():  # alternating per photo: both paths see the same machine
+            started = time.perf_counter()
+            crops[name].append(fn(data))
+            times[name].append(time.perf_counter() - started)
+    return {
+        "crops": {k: np.stack(v) for k, v in crops.items()},
+        "ms": {k: 1e3 * np.median(v) for k, v in times.items()},
+    }
+
+
+def predict(onnx_path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort_session(onnx_path)
+    return np.concatenate(
+        [session.run(["probabilities"], {"image": x[i : i + CHUNK]})[0] for i in range(0, len(x), CHUNK)]
+    )
+
+
+def compare(model: str, onnx_path: Path, blobs: list[bytes], labels: np.ndarray, resize: int, crop: int) -> dict:
+    with stage(f"{model}: decoding {len(blobs)} photos both ways ({resize} px resize, {crop} px crop)"):
+        decoded = decode_both(blobs, resize, crop)
+    with stage(f"{model}: predictions on both"):
+        exact, fast = (predict(onnx_path, decoded["crops"][k]) for k in ("exact", "fast"))
+    agree = exact.argmax(1) == fast.argmax(1)
+    crops = decoded["crops"]
+    top2 = np.sort(exact, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    row = {
+        "model": model,
+        "resize": resize,
+        "crop": crop,
+        "photos": len(blobs),
+        "decode_ms": decoded["ms"],
+        "fast_speedup": decoded["ms"]["exact"] / decoded["ms"]["fast"],
+        "top1_agreement": float(agree.mean()),
+        "disagreements": int((~agree).sum()),
+        "exact_margins_where_they_differ": [round(float(m), 4) for m in margin[~agree]],
+        "max_abs_diff_probability": float(np.abs(exact - fast).max()),
+        "mean_abs_diff_pixels": float(np.abs(crops["exact"].astype(np.int16) - crops["fast"]).mean()),
+        "accuracy_exact": float((exact.argmax(1) == labels).mean()),
+        "accuracy_fast": float((fast.argmax(1) == labels).mean()),
+    }
+    if "simplejpeg" in decoded["crops"]:
+        same = np.array_equal(decoded["crops"]["simplejpeg"], decoded["crops"]["fast"])
+        row["simplejpeg_same_pixels_as_fast"] = same
+    log(f"   agreement {100 * row['top1_agreement']:.1f}%, max |Δp| {row['max_abs_diff_probability']:.3g}")
+    return row
+
+
+def trained_model(settings: Settings, work: Path) -> tuple[Path, int, int]:
+    """bench/low_precision.py's trained ResNet50-3G (or the quick run's small model), exported."""
+    from bench.common import export
+    from bench.low_precision import built_in_data, train_head
+
+    train_x, train_y, _, _, _ = built_in_data(settings, work / "data")
+    serving, _ = train_head(settings, train_x, train_y, epochs=6 if not settings.quick else 2)
+    return export(serving, work / "trained.onnx", settings.crop), settings.resize, settings.crop
+
+
+def demo_model(repository: Path) -> tuple[Path, int, int, list[str]] | None:
+    """The demo's exported model, its preprocessing record and its labels, if ``make demo`` made one."""
+    from export.triton_config import LABELS_FILE, parse_pbtxt
+
+    folder = repository / "threegnet"
+    versions = sorted(folder.glob("*/model.onnx"), key=lambda p: int(p.parent.name))
+    if not (folder / "config.pbtxt").is_file() or not (folder / LABELS_FILE).is_file() or not versions:
+        return None
+    params = parse_pbtxt((folder / "config.pbtxt").read_text()).parameters
+    pp = json.loads(params["preprocessing"].string_value)
+    return versions[-1], int(pp["resize"]), int(pp["crop"]), (folder / LABELS_FILE).read_text().split()
+
+
+def run(settings: Settings, work: Path, demo_repository: Path | None = ROOT / "model_repository") -> tuple[dict, str]:
+    per_class = 32 if not settings.quick else 2
+    with stage(f"trained model at {settings.crop} px"):
+        onnx_path, resize, crop = trained_model(settings, work)
+    with stage(f"{per_class * settings.classes} camera photos ({CAMERA[0]}x{CAMERA[1]} JPEG, quality {QUALITY})"):
+        photos = list(camera_photos(settings.classes, per_class, render_size=resize))
+    blobs, labels = [b for b, _ in photos], np.array([y for _, y in photos])
+    sizes = [len(b) for b in blobs]
+    rows = [compare(f"{settings.arch} trained on textures", onnx_path, blobs, labels, resize, crop)]
+    demo = demo_model(demo_repository) if demo_repository else None
+    if demo is not None:
+        from training.synthetic import CLASS_NAMES
+
+        path, d_resize, d_crop, d_labels = demo
+        count = max(1, per_class // 4)
+        with stage(f"{count * len(d_labels)} camera photos of the demo's classes (rendered at {DEMO_RENDER} px)"):
+            # The demo's labels are its class folders in sorted order.
+            classes = [i for i, name in enumerate(CLASS_NAMES) if name in d_labels]
+            photos = list(camera_photos(max(classes) + 1, count, render_size=DEMO_RENDER))
+            photos = [(b, d_labels.index(CLASS_NAMES[y])) for b, y in photos if CLASS_NAMES[y] in d_labels]
+        blobs, labels = [b for b, _ in photos], np.array([y for _, y in photos])
+        rows.append(compare("demo model (make demo)", path, blobs, labels, d_resize, d_crop))
+    else:
+        log("   no demo model in model_repository/ (run make demo): measured on the trained 224 px model only")
+    table = [
+        [
+            r["model"],
+            f"{r['resize']} / {r['crop']}",
+            r["photos"],
+            f"{r['decode_ms']['exact']:.0f}",
+            f"{r['decode_ms']['fast']:.0f}",
+            f"{r['fast_speedup']:.1f}x",
+            f"{r['decode_ms']['simplejpeg']:.0f}" if "simplejpeg" in r["decode_ms"] else "not installed",
+            f"{100 * r['top1_agreement']:.1f}% ({r['disagreements']} differ)",
+            f"{r['max_abs_diff_probability']:.3g}",
+            f"{r['mean_abs_diff_pixels']:.2f}",
+            f"{100 * r['accuracy_exact']:.1f}% / {100 * r['accuracy_fast']:.1f}%",
+        ]
+        for r in rows
+    ]
+    markdown = (
+        "### Fast vs exact decoding of 12 MP photos\n\n"
+        + md_table(
+            [
+                "model",
+                "resize / crop",
+                "photos",
+                "exact ms",
+                "fast ms",
+                "fast speed-up",
+                "simplejpeg ms",
+                "top-1 agreement",
+                "max |Δp|",
+                "mean |Δ pixel|",
+                "accuracy exact / fast",
+            ],
+            table,
+        )
+        + "\n\nPhotos: held-out built-in textures rendered at the model's training image size (the trained model: "
+        f"{resize} px, the demo: {DEMO_RENDER} px), upscaled to {CAMERA[1]} px, "
+        f"mirrored out to {CAMERA[0]}x{CAMERA[1]}, sensor noise σ {NOISE_SIGMA}, JPEG quality {QUALITY} "
+        f"({np.median(sizes) / 1e6:.1f} MB median). Times: decode + resize + crop of one photo on one core, medians, "
+        "both paths alternating photo by photo. Exact = full decode + torchvision's resize; fast = the default "
+        "(`threegnet_preprocessing`: DCT-scaled decode, box pre-shrink). simplejpeg (libjpeg-turbo, DCT-scaled "
+        "to the same size) is timed when installed.\n"
+    )
+    data = {
+        "camera": CAMERA,
+        "quality": QUALITY,
+        "median_bytes": float(np.median(sizes)),
+        "rows": rows,
+    }
+    return data, markdown
+
+
+def main() -> int:
+    p = part_parser(__doc__)
+    p.add_argument("--demo-repository", type=Path, default=ROOT / "model_repository")
+    p.add_argument("--work", type=Path, help="keep the data and the trained model here")
+    args = p.parse_args()
+    settings = Settings.make(args.quick)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data, markdown = run(settings, args.work or Path(tmp), args.demo_repository)
+    report(args.out, "decoding", data, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    entry(main)
