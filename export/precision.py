@@ -3,8 +3,8 @@
 In both, the second-order part of the head (covariance, trace, Newton-Schulz,
 vectorization) stays in fp32: in fp16 the trace overflows and the iterations lose
 their accuracy (DESIGN §1); quantizing them to 8 bits would be worse. INT8 also keeps
-the input normalization in fp32, and on request the fc that reads the second-order
-descriptor (see :func:`quantize_int8` for the measurements).
+the input normalization in fp32, and the layers its recipe names (:data:`FP32_MODULES`,
+chosen by measured sensitivity).
 """
 
 from __future__ import annotations
@@ -64,20 +64,49 @@ def wrapper_nodes(graph: onnx.GraphProto) -> list[str]:
     return [node.name for node in graph.node if len(_module_path(node)) == 2]
 
 
+def module_nodes(graph: onnx.GraphProto, modules: tuple[str, ...]) -> list[str]:
+    """Names of the nodes that belong to ``modules`` (module paths such as ``model.fc`` or
+    ``model.head.AtMp1``, at any depth)."""
+    wanted = set(modules)
+    return [node.name for node in graph.node if wanted & set(_module_path(node)[1:])]
+
+
 def classifier_nodes(graph: onnx.GraphProto) -> list[str]:
     """Names of the fc layer's nodes (module ``model.fc``): the classifier on the second-order descriptor."""
-    return [node.name for node in graph.node if _module_path(node)[1:2] == ["model.fc"]]
+    return module_nodes(graph, ("model.fc",))
+
+
+# The INT8 recipe: modules kept in fp32 besides the second-order part and the serving wrapper, and how
+# activations are calibrated. Chosen from a per-layer sensitivity study on ResNet50-3G with a trained
+# head, 512 held-out images (bench/low_precision.py --sensitivity; docs/performance.md section 3):
+# quantized one at a time, each backbone stage (conv1, layer1..4) changes 3-5 top-1s against fp32 by
+# itself, every head stage 0-3, all at fp32 margins under 0.04: the flips are the backbone's 8-bit noise
+# adding up on near-ties, not one broken layer. What reduced them, quantizing everything else (flips in
+# 512, accuracy vs fp32 76.2%): the earlier default 8 (one at margin 0.12; 76.6%); the fc in fp32 8
+# (75.6%); conv1 + fc in fp32 6; calibration on 128 images instead of 32, 7-10 (plain MinMax takes the
+# extreme batch's range, and more images mean wider ranges, coarser steps); the same with per-batch
+# ranges averaged (onnxruntime's CalibMovingAverage): conv1 + fc in fp32 5, the fc alone in fp32 4
+# (76.2%, as many as bf16 autocast). So: the fc in fp32 (its input, the 32,896 values of the matrix
+# square root, would get one 8-bit scale set by the diagonal, ~15x the off-diagonal entries) and
+# averaged calibration ranges.
+FP32_MODULES: tuple[str, ...] = ("model.fc",)
+CALIBRATION_OPTIONS: dict[str, object] = {"CalibMovingAverage": True}
 
 
 def quantize_int8(
-    fp32_path: Path, out_path: Path, calibration: np.ndarray, work_dir: Path, *, classifier_fp32: bool = False
+    fp32_path: Path,
+    out_path: Path,
+    calibration: np.ndarray,
+    work_dir: Path,
+    *,
+    fp32_modules: tuple[str, ...] = FP32_MODULES,
+    calibration_options: dict[str, object] | None = None,
 ) -> onnx.ModelProto:
     """Static INT8 (QDQ) quantization calibrated on ``calibration`` images.
 
-    U8 activations, S8 per-channel weights and no range reduction: the choice for
-    x86 CPUs with VNNI. Kept in fp32: the second-order nodes, the softmax and the serving
-    wrapper's other elementwise ops (see :func:`wrapper_nodes`); with ``classifier_fp32``
-    also the fc layer that reads the second-order descriptor (see below for why).
+    U8 activations, S8 per-channel weights and no range reduction: the choice for x86
+    CPUs with VNNI. Kept in fp32: the second-order nodes, the softmax, the serving
+    wrapper's other elementwise ops (see :func:`wrapper_nodes`) and ``fp32_modules``.
     """
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
     # Softmax too: 8-bit probabilities (steps of 1/255) would be useless to clients.
@@ -88,17 +117,7 @@ def quantize_int8(
     # (bench/low_precision.py, ResNet50-3G). In fp32 they take ~1%, and the first QuantizeLinear
     # then sits right before conv1: INT8 throughput 2.17x -> 2.47x fp32, top-1 agreement unchanged.
     keep_fp32 += [n for n in wrapper_nodes(graph) if n not in keep_fp32]
-    # The fc, on request: quantized, its input (the 32,896 values of the matrix square root) gets
-    # one 8-bit scale, set by the largest entries (the diagonal); the off-diagonal values are ~15x
-    # smaller (median 1.6 quantization steps on the benchmark's model, a fifth of them round to 0).
-    # Measured on ResNet50-3G with a trained head (bench/low_precision.py, 256 held-out images):
-    # top-1 disagreements with fp32 6 -> 4 (97.7% -> 98.4% agreement; 4 -> 0 on the first 128),
-    # throughput vs fp32 2.2-2.5x either way, within the noise (the fc is 0.5% of the FLOPs).
-    # Not the default yet: on the untrained 4-class model of
-    # tests/test_export.py (near-uniform probabilities, max |Δp| 0.0014) it turns 1 top-1 flip of
-    # 16 into 2, under that test's 90% agreement gate, although its logits move less (0.009 -> 0.006).
-    if classifier_fp32:
-        keep_fp32 += classifier_nodes(graph)
+    keep_fp32 += [n for n in module_nodes(graph, fp32_modules) if n not in keep_fp32]
     prepared = work_dir / "int8_prepared.onnx"
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
     # Pre-processing renames nothing it keeps, but it may fold some of those nodes away.
@@ -113,5 +132,6 @@ def quantize_int8(
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=[n for n in keep_fp32 if n in present],
+        extra_options=dict(CALIBRATION_OPTIONS if calibration_options is None else calibration_options),
     )
     return onnx.load(str(out_path))

@@ -49,11 +49,13 @@ INTRA_OP_THREADS = 0
 # The preprocessing model (decode + resize + crop: single-threaded Pillow, so one thread per instance)
 # gets one instance per core of the machine that exports, at most MAX_PREPROCESS_INSTANCES
 # (to_onnx.py --preprocess-instances to size it for another machine). Why one per core: a 12 MP
-# JPEG costs 20-30 ms of one core even on the fast path (docs/performance.md section 6), so on a GPU,
-# where the model answers in a few ms, decoding is the bottleneck and wants every core; on a CPU the
-# model and the decoders share the cores, and bench/payloads.py measured on 2 cores (concurrency 4,
-# 12 MP JPEGs) that 2 instances served 1.13x 1 instance, and 4 no more than 2 (instances beyond the
-# cores only take turns). An idle instance costs memory only (about 60 MB), hence the cap.
+# JPEG costs about 20 ms of one core even on the fast path (docs/performance.md section 7), so on a
+# GPU, where the model answers in a few ms, decoding is the bottleneck and wants every core. On a CPU
+# the model and the decoders share the cores; bench/payloads.py on this 2-core machine (ResNet50-3G,
+# gRPC, concurrency 4, 12 MP JPEGs) measured 2 instances at 13.6 img/s and 1 at 12.5 (0.76x and 0.72x
+# of the tensor path, alternating in the same run): with one decoder, a burst of photos queues behind
+# it while a core idles between model runs. An idle instance costs only memory (about 60 MB), hence
+# the cap rather than more instances than cores.
 MAX_PREPROCESS_INSTANCES = 16
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-PART_FILES = ("model_speed", "head_share", "low_precision", "serving", "overload")
+PART_FILES = ("model_speed", "head_share", "low_precision", "serving", "overload", "decoding", "payloads")
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,17 @@ def test_quick_run_records_the_machine_and_the_ratios(quick_run):
         assert row["answered"] + row["refused"] + row["other_failures"] == row["sent"] > 0
         assert row["ready_after"] and row["rss_mb_after"] > 0
     assert overload["policy_at_2x"]["level"] == 2.0
+    decoding = data["decoding"]["rows"][0]
+    assert decoding["photos"] == 16 and 0 <= decoding["top1_agreement"] <= 1
+    assert decoding["decode_ms"]["fast"] > 0 and decoding["decode_ms"]["exact"] > 0
+    payloads = data["payloads"]
+    assert set(payloads["bytes_vs_tensor"]) == {"12 MP JPEG", "12 MP HEIC", "3 MP PNG", "256 px JPEG"}
+    assert all(r["bytes_images_per_s"] > 0 and r["tensor_images_per_s"] > 0 for r in payloads["rows"])
     assert {t["target"] for t in data["targets"]} >= {
         "INT8 throughput vs fp32 (onnxruntime)",
         "2x overload: goodput of capacity (queue policy)",
+        "12 MP JPEG as bytes vs tensors, concurrency 4",
+        "INT8 accuracy / fp32 accuracy",
     }
 
 
@@ -87,7 +95,7 @@ def test_quick_run_markdown_holds_the_tables(quick_run):
     out, _ = quick_run
     text = (out / "bench.md").read_text()
     headings = ("### Targets", "### Model speed", "### Where the time goes", "### Low precision", "### Serving",
-                "### Overload")  # fmt: skip
+                "### Overload", "### Fast vs exact decoding", "### Realistic payloads")  # fmt: skip
     for heading in headings:
         assert heading in text, heading
     assert "| batch |" in text and "flags:" in text  # the tables and the machine they were measured on
