@@ -1,7 +1,7 @@
 """All CPU benchmarks (``make bench``): model speed, where the time goes, low precision, serving, overload,
 fast decoding of camera photos, realistic payloads.
 
-    .venv/bin/python bench/run.py                 # ResNet50-3G at 224: about 10-15 minutes on 2 cores
+    .venv/bin/python bench/run.py                 # ResNet50-3G at 224: about 30 minutes on 2 cores
     .venv/bin/python bench/run.py --quick         # a small model on 64x64 crops: a smoke run of every part
     .venv/bin/python bench/run.py --parts speed serving
 
