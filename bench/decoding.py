@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, Settings, entry, log, md_table, ort_session, part_parser, report, stage
+from bench.common import ROOT, Settings, entry, log, md_table, part_parser, report, stage
 
 CAMERA = (4032, 3024)  # a 12 MP phone photo, landscape
 NOISE_SIGMA = 4.0  # sensor noise, in 8-bit levels
@@ -103,22 +103,15 @@ def decode_both(blobs: list[bytes], resize: int, crop: int) -> dict[str, Any]:
     }
 
 
-def predict(onnx_path: Path, x: np.ndarray) -> np.ndarray:
-    session = ort_session(onnx_path)
-    return np.concatenate(
-        [session.run(["probabilities"], {"image": x[i : i + CHUNK]})[0] for i in range(0, len(x), CHUNK)]
-    )
-
-
 def compare(model: str, onnx_path: Path, blobs: list[bytes], labels: np.ndarray, resize: int, crop: int) -> dict:
     with stage(f"{model}: decoding {len(blobs)} photos both ways ({resize} px resize, {crop} px crop)"):
         decoded = decode_both(blobs, resize, crop)
-    with stage(f"{model}: predictions on both"):
-        exact, fast = (predict(onnx_path, decoded["crops"][k]) for k in ("exact", "fast"))
-    agree = exact.argmax(1) == fast.argmax(1)
+    from export.verify import agreement, probabilities
+
     crops = decoded["crops"]
-    top2 = np.sort(exact, axis=1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
+    with stage(f"{model}: predictions on both"):
+        exact, fast = (probabilities(onnx_path, crops[k], CHUNK) for k in ("exact", "fast"))
+    agreed = agreement(fast, exact, labels)
     row = {
         "model": model,
         "resize": resize,
@@ -126,17 +119,16 @@ def compare(model: str, onnx_path: Path, blobs: list[bytes], labels: np.ndarray,
         "photos": len(blobs),
         "decode_ms": decoded["ms"],
         "fast_speedup": decoded["ms"]["exact"] / decoded["ms"]["fast"],
-        "top1_agreement": float(agree.mean()),
-        "disagreements": int((~agree).sum()),
-        "exact_margins_where_they_differ": [round(float(m), 4) for m in margin[~agree]],
+        "top1_agreement": agreed.top1_agreement,
+        "disagreements": len(agreed.disagreement_margins),
+        "exact_margins_where_they_differ": [round(m, 4) for m in agreed.disagreement_margins],
         "max_abs_diff_probability": float(np.abs(exact - fast).max()),
         "mean_abs_diff_pixels": float(np.abs(crops["exact"].astype(np.int16) - crops["fast"]).mean()),
-        "accuracy_exact": float((exact.argmax(1) == labels).mean()),
-        "accuracy_fast": float((fast.argmax(1) == labels).mean()),
+        "accuracy_exact": agreed.accuracy_reference,
+        "accuracy_fast": agreed.accuracy,
     }
-    if "simplejpeg" in decoded["crops"]:
-        same = np.array_equal(decoded["crops"]["simplejpeg"], decoded["crops"]["fast"])
-        row["simplejpeg_same_pixels_as_fast"] = same
+    if "simplejpeg" in crops:
+        row["simplejpeg_same_pixels_as_fast"] = np.array_equal(crops["simplejpeg"], crops["fast"])
     log(f"   agreement {100 * row['top1_agreement']:.1f}%, max |Δp| {row['max_abs_diff_probability']:.3g}")
     return row
 

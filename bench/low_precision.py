@@ -328,22 +328,6 @@ def run(settings: Settings, work: Path, with_sensitivity: bool = False) -> tuple
     return data, markdown
 
 
-def main() -> int:
-    p = part_parser(__doc__)
-    p.add_argument("--work", type=Path, help="keep the data, trained weights and ONNX files here")
-    p.add_argument("--sensitivity", action="store_true", help="also quantize one module at a time (slow)")
-    args = p.parse_args()
-    settings = Settings.make(args.quick)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data, markdown = run(settings, args.work or Path(tmp), args.sensitivity)
-    report(args.out, "low_precision", data, markdown)
-    return 0
-
-
-if __name__ == "__main__":
-    entry(main)
-
-
 def sensitivity(fp32: Path, calibration: np.ndarray, val_x: np.ndarray, work: Path) -> tuple[list[dict], str]:
     """Where the flips come from: one module group at a time quantized (the rest fp32), its top-1
     changes and largest probability change against fp32 on the held-out images."""
@@ -353,13 +337,24 @@ def sensitivity(fp32: Path, calibration: np.ndarray, val_x: np.ndarray, work: Pa
     from export.verify import probabilities
 
     graph = onnx.load(str(fp32), load_external_data=False).graph
+    # The modules below the model (conv1, layer1-4, fc) and the head's sub-modules (its reduce conv and
+    # re-weighting stages; its own second-order ops are never quantized), each counted by its nodes.
     groups: dict[str, int] = {}
+    weighted: set[str] = set()
     for node in graph.node:
         path = _module_path(node)
-        if len(path) > 1 and path[1].startswith("model.") and path[1] != "model.head":
-            groups[path[1]] = groups.get(path[1], 0) + 1
-        elif len(path) > 2 and path[1] == "model.head" and path[2] != "model.head.vectorize":
-            groups[path[2]] = groups.get(path[2], 0) + 1
+        if len(path) > 2 and path[1] == "model.head" and path[2].startswith("model.head."):
+            if path[2] == "model.head.vectorize":  # second-order: never quantized
+                continue
+            group = path[2]
+        elif len(path) > 1 and path[1].startswith("model.") and path[1] != "model.head":
+            group = path[1]
+        else:
+            continue
+        groups[group] = groups.get(group, 0) + 1
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            weighted.add(group)
+    groups = {g: n for g, n in groups.items() if g in weighted}  # a ReLU or a pool alone quantizes nothing
     reference = probabilities(fp32, val_x)
     top2 = np.sort(reference, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
@@ -391,3 +386,19 @@ def sensitivity(fp32: Path, calibration: np.ndarray, val_x: np.ndarray, work: Pa
         ["module", "nodes", "top-1 changes vs fp32", "max |Δp|", "fp32 margins where changed"], table
     )
     return rows, markdown
+
+
+def main() -> int:
+    p = part_parser(__doc__)
+    p.add_argument("--work", type=Path, help="keep the data, trained weights and ONNX files here")
+    p.add_argument("--sensitivity", action="store_true", help="also quantize one module at a time (slow)")
+    args = p.parse_args()
+    settings = Settings.make(args.quick)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data, markdown = run(settings, args.work or Path(tmp), args.sensitivity)
+    report(args.out, "low_precision", data, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    entry(main)

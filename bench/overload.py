@@ -36,13 +36,13 @@ from bench.common import (
     stage,
 )
 from bench.serving import MODEL, Requests, closed_loop, make_repository
+from client.inference import OVERLOAD_MESSAGES
 
 LEVELS = (0.5, 1.0, 1.5, 2.0, 3.0)
 QUICK_LEVELS = (0.5, 2.0)
 CLIENT_TIMEOUT_S = 30.0
 SLO_S = 2.0  # an answer later than this counts as answered, not as goodput (issue 12's p99 target)
 VARIANTS = {"queue policy (shipped)": {}, "no queue policy": {"queue_timeout_ms": 0, "max_queue_size": 0}}
-OVERLOAD = ("Exceeds maximum queue size", "Request timeout expired")
 
 
 def server_rss_mb(pid: int) -> float:
@@ -96,8 +96,8 @@ def open_loop(requests: Requests, rate: float, seconds: float, seed: int) -> dic
     with lock:
         outcomes += [(0.0, 0.0, "no answer")] * (len(arrivals) - len(outcomes))
     answered = [d - s for s, d, e in outcomes if e is None]
-    refused = [d - s for s, d, e in outcomes if e is not None and any(m in e for m in OVERLOAD)]
-    other = [e for _, _, e in outcomes if e is not None and not any(m in e for m in OVERLOAD)]
+    refused = [d - s for s, d, e in outcomes if e is not None and any(m in e for m in OVERLOAD_MESSAGES)]
+    other = [e for _, _, e in outcomes if e is not None and not any(m in e for m in OVERLOAD_MESSAGES)]
     return {
         "offered_per_s": len(arrivals) / seconds,
         "sent": len(arrivals),

@@ -60,6 +60,11 @@ def payloads(settings: Settings) -> dict[str, list[bytes]]:
     return out
 
 
+def window_seconds(settings: Settings) -> tuple[float, float]:
+    """Measured seconds per payload row (split into WINDOWS windows per path) and warm-up per window."""
+    return (2.0, 0.5) if settings.quick else (8.0, 1.5)
+
+
 def measure(
     settings: Settings, work: Path, onnx_path: Path, files: dict[str, list[bytes]], instances: int
 ) -> list[dict[str, Any]]:
@@ -72,8 +77,7 @@ def measure(
     # control (with the shipped 1.5 s timeout, one preprocessing instance refused some HEIC requests).
     overrides = {"preprocess_instances": instances, "queue_timeout_ms": 0}
     repo = make_repository(onnx_path, settings, work / f"payloads-{instances}", overrides)
-    seconds = 2.0 if settings.quick else 8.0
-    warmup = 0.5 if settings.quick else 1.5
+    seconds, warmup = window_seconds(settings)
     rows = []
     with TritonServer(
         repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), exit_timeout=3
@@ -145,7 +149,8 @@ def run(
             table,
         )
         + f"\n\nEach row: {WINDOWS} windows of the tensor path and {WINDOWS} of the bytes path in turn, "
-        f"{seconds_text(settings)} each after warm-up, {PHOTOS} distinct files per kind. The tensor path sends "
+        f"{window_seconds(settings)[0] / WINDOWS:.1f} s each after warm-up, {len(files['12 MP JPEG'])} distinct "
+        "files per kind. The tensor path sends "
         "the same photos preprocessed on the client (uint8 crops); the bytes path sends the files to "
         "`threegnet_image`, which decodes them in the preprocessing model.\n"
     )
@@ -156,10 +161,6 @@ def run(
         "bytes_vs_tensor": {r["payload"]: r["bytes_vs_tensor"] for r in shipped},
     }
     return data, markdown
-
-
-def seconds_text(settings: Settings) -> str:
-    return f"{(2.0 if settings.quick else 8.0) / WINDOWS:.1f} s"
 
 
 def main() -> int:

@@ -32,7 +32,6 @@ import numpy as np
 from PIL import Image
 
 from client.heatmap import is_flat, overlay
-from client.image_files import IMAGE_SUFFIXES
 from client.inference import (
     DEFAULT_MODEL,
     PROTOCOLS,
@@ -40,7 +39,7 @@ from client.inference import (
     ModelInfo,
     TritonClassifier,
 )
-from threegnet_preprocessing import ImageError, load_and_preprocess
+from threegnet_preprocessing import IMAGE_SUFFIXES, ImageError, load_and_preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXAMPLES = ROOT / "data" / "demo" / "val"

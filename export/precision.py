@@ -71,11 +71,6 @@ def module_nodes(graph: onnx.GraphProto, modules: tuple[str, ...]) -> list[str]:
     return [node.name for node in graph.node if wanted & set(_module_path(node)[1:])]
 
 
-def classifier_nodes(graph: onnx.GraphProto) -> list[str]:
-    """Names of the fc layer's nodes (module ``model.fc``): the classifier on the second-order descriptor."""
-    return module_nodes(graph, ("model.fc",))
-
-
 # The INT8 recipe: modules kept in fp32 besides the second-order part and the serving wrapper, and how
 # activations are calibrated. Chosen from a per-layer sensitivity study on ResNet50-3G with a trained
 # head, 512 held-out images (bench/low_precision.py --sensitivity; docs/performance.md section 3):

@@ -57,11 +57,10 @@ from export.verify import (
     compare,
     probabilities,
 )
-from threegnet_preprocessing import ImageError, Preprocessing, load_and_preprocess
+from threegnet_preprocessing import IMAGE_SUFFIXES, ImageError, Preprocessing, load_and_preprocess
 from training.checkpoint import CheckpointError, load_model, sha256sum
 from training.model import ARCHS
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 # Tolerances per precision: (max |Δ probability| vs PyTorch fp32, min top-1 agreement). INT8 is judged
 # by export.verify.check_agreement instead: no top-1 change where fp32 is sure, no accuracy lost.
 TOLERANCES = {"fp32": (1e-3, 1.0), "fp16": (0.05, 0.9), "int8": (1.0, 0.0)}

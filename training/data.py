@@ -10,6 +10,7 @@ stop a multi-day run.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -162,17 +163,8 @@ def eval_transform(pp: Preprocessing, ten_crop: bool = False) -> Callable[[Image
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(pp.mean, pp.std)])
     crop = transforms.TenCrop(pp.crop) if ten_crop else transforms.CenterCrop(pp.crop)
     last = _StackCrops(to_tensor) if ten_crop else to_tensor
-    return transforms.Compose([_ServedResize(pp.resize), crop, last])
-
-
-class _ServedResize:
-    """Shorter side to ``size`` as the server resizes (a class, not a lambda: workers pickle it)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return resize_shorter(img, self.size, fast=True)
+    served_resize = functools.partial(resize_shorter, size=pp.resize, fast=True)  # picklable for workers
+    return transforms.Compose([served_resize, crop, last])
 
 
 class _StackCrops:
