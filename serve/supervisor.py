@@ -108,6 +108,9 @@ class Supervisor(threading.Thread):
         self._pending: dict[str, tuple] = {}
         self._next_poll = time.monotonic() + poll_secs
         self.heals = 0  # how many reloads healed a model (tests and logs read it)
+        # (model, unloaded, serving again): time.monotonic() of each healed outage; between the
+        # two, Triton's readiness for the model (and the server's) is not 200.
+        self.outages: list[tuple[str, float, float]] = []
         self.rollouts = 0
 
     # -- Triton's API --------------------------------------------------------------------
@@ -189,9 +192,11 @@ class Supervisor(threading.Thread):
         backoff while the load fails."""
         started, delay = time.monotonic(), 1.0
         self.unload(model)
+        unloaded = time.monotonic()
         while not self._stop_event.is_set():
             error = self.load(model)
             if error is None:
+                self.outages.append((model, unloaded, time.monotonic()))
                 self.heals += 1
                 self.log(f"[supervisor] {model}: serving again, {time.monotonic() - started:.1f} s after the crash")
                 return
