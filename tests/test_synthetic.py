@@ -113,3 +113,25 @@ def test_cli_rejects_bad_sizes(tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path / "x"), "--no-progress", *flags])
     assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["horizontal_fine", "maze", "grey_blobs"])
+def test_periods_grow_with_the_image_size(name):
+    """A 256 px image shows the texture of a 128 px one, twice as large (and a 64 px one, half)."""
+    from training.synthetic import CLASSES, image_rng, render
+
+    cls = next(c for c in CLASSES if c.name == name)
+
+    def period_px(size: int) -> float:
+        """The dominant wavelength in pixels: 1 / the power-weighted mean spatial frequency."""
+        powers, weights = [], []
+        for i in range(6):
+            grey = render(cls, size, image_rng(0, "train", 0, i)).astype(np.float64).mean(axis=2)
+            power = np.abs(np.fft.rfft2(grey - grey.mean())) ** 2
+            freq = np.hypot(np.fft.rfftfreq(size)[None, :], np.fft.fftfreq(size)[:, None])
+            powers.append((power * freq).sum())
+            weights.append(power.sum())
+        return sum(weights) / sum(powers)
+
+    p64, p128, p256 = period_px(64), period_px(128), period_px(256)
+    assert 1.7 < p128 / p64 < 2.3 and 1.7 < p256 / p128 < 2.3, (p64, p128, p256)

@@ -87,7 +87,10 @@ def _band_noise(rng: np.random.Generator, size: int, band: Band) -> np.ndarray:
     fx = np.fft.rfftfreq(size)[None, :]
     freq = np.hypot(fx, fy)
     freq[0, 0] = 1.0  # no DC: the amplitude there is zeroed below
-    centre = size / REFERENCE_SIZE / (band.period * rng.uniform(0.88, 1.12))
+    # Cycles per pixel: the period in pixels grows with the image, so a 256 px image shows the
+    # same texture as a 128 px one, twice as large. (Below ~64 px the finest bands reach the
+    # grid's Nyquist frequency; the spectrum there is cut off, not aliased.)
+    centre = REFERENCE_SIZE / (size * band.period * rng.uniform(0.88, 1.12))
     amplitude = np.exp(-(np.log(freq / centre) ** 2) / (2 * band.bandwidth**2))
     if band.angles is not None:
         # Stripes along angle a vary across it: the frequency vector points at a + 90 degrees.
