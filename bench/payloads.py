@@ -85,27 +85,43 @@ def measure(
         tensor = Requests("grpc", "tensor", tensors, [], server.grpc_url)
         for kind, blobs in files.items():
             sent = Requests("grpc", "bytes", tensors, blobs, server.grpc_url)
-            served, reference = [], []
+            windows: dict[str, list[dict[str, Any]]] = {"tensor": [], "bytes": []}
             with stage(f"{instances} preprocessing instance(s): {kind} bytes vs tensors, concurrency {CONCURRENCY}"):
                 for _ in range(WINDOWS):
-                    reference.append(closed_loop(tensor, CONCURRENCY, seconds / WINDOWS, warmup)["images_per_s"])
-                    result = closed_loop(sent, CONCURRENCY, seconds / WINDOWS, warmup)
-                    served.append(result["images_per_s"])
-            row = {
+                    for path, requests in (("tensor", tensor), ("bytes", sent)):
+                        windows[path].append(
+                            closed_loop(requests, CONCURRENCY, seconds / WINDOWS, warmup, server.process.pid)
+                        )
+            row: dict[str, Any] = {
                 "preprocess_instances": instances,
                 "payload": kind,
                 "median_bytes": float(np.median([len(b) for b in blobs])),
-                "bytes_images_per_s": float(np.mean(served)),
-                "tensor_images_per_s": float(np.mean(reference)),
-                "p50_ms": result["p50_ms"],
+                "p50_ms": windows["bytes"][-1]["p50_ms"],
             }
+            for path, results in windows.items():
+                images = sum(r["requests"] for r in results)
+                row[f"{path}_images_per_s"] = float(np.mean([r["images_per_s"] for r in results]))
+                for side in ("server", "client"):
+                    row[f"{path}_{side}_cpu_ms"] = 1e3 * sum(r["window_cpu_s"][side] for r in results) / max(1, images)
             row["bytes_vs_tensor"] = row["bytes_images_per_s"] / row["tensor_images_per_s"]
+            row["cpu_ratio"] = cpu_ms(row, "tensor") / cpu_ms(row, "bytes")
             log(
                 f"   {row['bytes_images_per_s']:.2f} img/s vs tensors {row['tensor_images_per_s']:.2f}: "
-                f"{row['bytes_vs_tensor']:.2f}x"
+                f"{row['bytes_vs_tensor']:.2f}x; CPU per image {cpu_ms(row, 'bytes'):.0f} vs "
+                f"{cpu_ms(row, 'tensor'):.0f} ms (ratio {row['cpu_ratio']:.2f})"
             )
             rows.append(row)
     return rows
+
+
+def cpu_ms(row: dict[str, Any], path: str) -> float:
+    """Server + client CPU milliseconds one image costs on ``path`` ("tensor" or "bytes")."""
+    return row[f"{path}_server_cpu_ms"] + row[f"{path}_client_cpu_ms"]
+
+
+def cores_busy(row: dict[str, Any], path: str) -> float:
+    """How many cores ``path`` kept busy on average (server and client together)."""
+    return cpu_ms(row, path) * row[f"{path}_images_per_s"] / 1e3
 
 
 def run(
@@ -129,6 +145,10 @@ def run(
             f"{r['bytes_images_per_s']:.2f}",
             f"{r['tensor_images_per_s']:.2f}",
             f"{r['bytes_vs_tensor']:.2f}x",
+            f"{r['tensor_server_cpu_ms']:.0f} + {r['tensor_client_cpu_ms']:.0f}",
+            f"{r['bytes_server_cpu_ms']:.0f} + {r['bytes_client_cpu_ms']:.0f}",
+            f"{r['cpu_ratio']:.2f}",
+            f"{cores_busy(r, 'tensor'):.2f} / {cores_busy(r, 'bytes'):.2f}",
             f"{r['p50_ms']:.0f}",
         ]
         for r in rows
@@ -144,6 +164,10 @@ def run(
                 "bytes img/s",
                 "tensor img/s (alternating)",
                 "bytes / tensor",
+                "CPU ms per image, tensor: server + client",
+                "bytes: server + client",
+                "CPU tensor / bytes",
+                "cores busy, tensor / bytes",
                 "bytes p50 ms",
             ],
             table,
@@ -152,13 +176,19 @@ def run(
         f"{window_seconds(settings)[0] / WINDOWS:.1f} s each after warm-up, {len(files['12 MP JPEG'])} distinct "
         "files per kind. The tensor path sends "
         "the same photos preprocessed on the client (uint8 crops); the bytes path sends the files to "
-        "`threegnet_image`, which decodes them in the preprocessing model.\n"
+        "`threegnet_image`, which decodes them in the preprocessing model. CPU: user + system time of "
+        "the Triton process with its backend stubs and of the load generator (client and server share "
+        "the cores here) during the measured windows, per image answered; cores busy = CPU per image x "
+        "images/s. Were both paths to keep every core busy, their throughput ratio would be the CPU ratio; "
+        "the tensor path leaves part of the cores idle (the model's threads wait on each other and on the "
+        "batcher), and the bytes path's decoding fills some of that time.\n"
     )
     shipped = [r for r in rows if r["preprocess_instances"] == counts[0]]
     data = {
         "concurrency": CONCURRENCY,
         "rows": rows,
         "bytes_vs_tensor": {r["payload"]: r["bytes_vs_tensor"] for r in shipped},
+        "cpu_ratio": {r["payload"]: r["cpu_ratio"] for r in shipped},
     }
     return data, markdown
 

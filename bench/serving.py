@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import resource
 import tempfile
@@ -158,14 +159,50 @@ class Requests:
         return {"request": request.ByteSize(), "response": response.ByteSize()}
 
 
-def closed_loop(requests: Requests, concurrency: int, seconds: float, warmup: float) -> dict[str, Any]:
-    """``concurrency`` client threads, each with its own connection, sending back to back."""
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its live children (Triton's
+    backend stubs), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def closed_loop(
+    requests: Requests, concurrency: int, seconds: float, warmup: float, server_pid: int | None = None
+) -> dict[str, Any]:
+    """``concurrency`` client threads, each with its own connection, sending back to back.
+
+    With ``server_pid``, the CPU the server (with its children) and this client used during the
+    measured window is in ``window_cpu_s``: together with the images counted in that window it
+    says what one image costs the machine on each path.
+    """
     clients = [requests.client() for _ in range(concurrency)]
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors: list[str] = []
     start = time.perf_counter() + 0.05
     t0, t1 = start + warmup, start + warmup + seconds
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    window: dict[str, float] = {}
+
+    def cpu_now() -> tuple[float, float]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return own.ru_utime + own.ru_stime, process_tree_cpu_s(server_pid) if server_pid else 0.0
+
+    def meter() -> None:
+        time.sleep(max(0.0, t0 - time.perf_counter()))
+        client0, server0 = cpu_now()
+        time.sleep(max(0.0, t1 - time.perf_counter()))
+        client1, server1 = cpu_now()
+        window.update(client=client1 - client0, server=server1 - server0)
 
     def client_loop(k: int) -> None:
         i = k
@@ -184,6 +221,8 @@ def closed_loop(requests: Requests, concurrency: int, seconds: float, warmup: fl
             i += concurrency
 
     threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(concurrency)]
+    if server_pid is not None:
+        threads.append(threading.Thread(target=meter))
     for t in threads:
         t.start()
     for t in threads:
@@ -193,7 +232,10 @@ def closed_loop(requests: Requests, concurrency: int, seconds: float, warmup: fl
         c.close()
     if errors:
         raise RuntimeError(f"{len(errors)} failed requests, first: {errors[0]}")
-    return summarize([x for per in latencies for x in per], seconds, cpu=usage_after, cpu_before=usage_before)
+    result = summarize([x for per in latencies for x in per], seconds, cpu=usage_after, cpu_before=usage_before)
+    if window:
+        result["window_cpu_s"] = window
+    return result
 
 
 def summarize(latencies: list[float], seconds: float, cpu: Any = None, cpu_before: Any = None) -> dict[str, Any]:

@@ -82,6 +82,12 @@ def test_quick_run_records_the_machine_and_the_ratios(quick_run):
     payloads = data["payloads"]
     assert set(payloads["bytes_vs_tensor"]) == {"12 MP JPEG", "12 MP HEIC", "3 MP PNG", "256 px JPEG"}
     assert all(r["bytes_images_per_s"] > 0 and r["tensor_images_per_s"] > 0 for r in payloads["rows"])
+    # The CPU accounting sees the server's work: a 12 MP HEIC decode (no scaled decode for HEVC) costs
+    # the server far more than a ready crop does.
+    assert all(r[f"{p}_{side}_cpu_ms"] > 0 for r in payloads["rows"] for p in ("bytes", "tensor")
+               for side in ("server", "client"))  # fmt: skip
+    heic = next(r for r in payloads["rows"] if r["payload"] == "12 MP HEIC")
+    assert heic["bytes_server_cpu_ms"] > heic["tensor_server_cpu_ms"], heic
     assert {t["target"] for t in data["targets"]} >= {
         "INT8 throughput vs fp32 (onnxruntime)",
         "2x overload: goodput of capacity (queue policy)",
