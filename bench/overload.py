@@ -35,7 +35,7 @@ from bench.common import (
     report,
     stage,
 )
-from bench.serving import MODEL, Requests, closed_loop, make_repository
+from bench.serving import MODEL, Requests, closed_loop, make_repository, server_processes
 from client.inference import OVERLOAD_MESSAGES
 
 LEVELS = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -48,18 +48,12 @@ VARIANTS = {"queue policy (shipped)": {}, "no queue policy": {"queue_timeout_ms"
 def server_rss_mb(pid: int) -> float:
     """Resident memory of the server and every process in its group (the python backend stubs)."""
     total = 0
-    for entry_ in Path("/proc").iterdir():
-        if not entry_.name.isdigit():
-            continue
+    for folder, _ in server_processes(pid):
         try:
-            stat = (entry_ / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[2]) != pid:  # process group id
-                continue
-            for line in (entry_ / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
+            total += sum(int(line.split()[1]) for line in (folder / "status").read_text().splitlines()
+                         if line.startswith("VmRSS:"))  # fmt: skip
+        except OSError:
+            continue  # gone meanwhile
     return total / 1024
 
 

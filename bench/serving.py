@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,21 +160,23 @@ class Requests:
         return {"request": request.ByteSize(), "response": response.ByteSize()}
 
 
-def process_tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process ``pid`` and its live children (Triton's
-    backend stubs), from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
+def server_processes(pid: int) -> Iterator[tuple[Path, list[str]]]:
+    """Every live process in the process group of the server ``pid`` (Triton and its backend stubs):
+    its /proc folder and the fields of its stat line after the command name."""
+    for folder in Path("/proc").iterdir():
+        if not folder.name.isdigit():
             continue
         try:
-            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = (folder / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # gone meanwhile
-        if int(name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-    return total
+        if len(fields) > 12 and int(fields[2]) == pid:  # process group id
+            yield folder, fields
+
+
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the server ``pid`` and its backend stubs have used so far."""
+    return sum(int(f[11]) + int(f[12]) for _, f in server_processes(pid)) / os.sysconf("SC_CLK_TCK")
 
 
 def closed_loop(
@@ -181,7 +184,7 @@ def closed_loop(
 ) -> dict[str, Any]:
     """``concurrency`` client threads, each with its own connection, sending back to back.
 
-    With ``server_pid``, the CPU the server (with its children) and this client used during the
+    With ``server_pid``, the CPU the server (with its stubs) and this client used during the
     measured window is in ``window_cpu_s``: together with the images counted in that window it
     says what one image costs the machine on each path.
     """
@@ -193,11 +196,11 @@ def closed_loop(
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     window: dict[str, float] = {}
 
-    def cpu_now() -> tuple[float, float]:
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        return own.ru_utime + own.ru_stime, process_tree_cpu_s(server_pid) if server_pid else 0.0
+    def meter(pid: int) -> None:
+        def cpu_now() -> tuple[float, float]:
+            own = resource.getrusage(resource.RUSAGE_SELF)
+            return own.ru_utime + own.ru_stime, server_cpu_s(pid)
 
-    def meter() -> None:
         time.sleep(max(0.0, t0 - time.perf_counter()))
         client0, server0 = cpu_now()
         time.sleep(max(0.0, t1 - time.perf_counter()))
@@ -222,7 +225,7 @@ def closed_loop(
 
     threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(concurrency)]
     if server_pid is not None:
-        threads.append(threading.Thread(target=meter))
+        threads.append(threading.Thread(target=meter, args=(server_pid,)))
     for t in threads:
         t.start()
     for t in threads:

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from serve.children import Stopped, raise_on_stop_signals, spawn, stop  # noqa: E402
-from serve.endpoints import READY_PATH  # noqa: E402
+from serve.endpoints import READY_PATH, Addresses  # noqa: E402
 from serve.server import free_port  # noqa: E402
 
 CHECK_INTERVAL_MS = 500
@@ -145,7 +145,7 @@ class Replica:
             stop(self.process, grace)
 
 
-class Fleet:
+class Fleet(Addresses):
     """N replicas and HAProxy; see the module doc. Use as a context manager."""
 
     def __init__(self, repository: Path, replicas: int = 2, host: str = "127.0.0.1", restart: bool = True) -> None:
@@ -162,14 +162,6 @@ class Fleet:
         self._held: set[str] = set()  # replicas being restarted on purpose: not to be restarted by the watcher
         self._watcher = threading.Thread(target=self._watch, daemon=True)
         self.restarts = 0
-
-    @property
-    def http_url(self) -> str:
-        return f"{self.host}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
 
     def config(self) -> str:
         def servers(port: str, h2: bool) -> str:

@@ -11,3 +11,20 @@ METRICS_PATH = "/metrics"
 IMAGE = "threegnet-triton"  # what `docker build -t ... -f serve/Dockerfile .` is tagged
 CONTAINER_REPOSITORY = "/models"  # where the container reads the model repository
 EXIT_TIMEOUT_S = 30  # how long a stopping server drains in-flight requests
+
+
+class Addresses:
+    """``http_url`` and ``grpc_url`` (``host:port``, as tritonclient takes them) of anything that
+    serves both protocols on ``host``: a Triton server, or the fleet's load balancer."""
+
+    host: str
+    http_port: int
+    grpc_port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"

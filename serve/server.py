@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve.children import die_with_parent
-from serve.endpoints import EXIT_TIMEOUT_S, GRPC_PORT, HTTP_PORT, METRICS_PATH, METRICS_PORT, READY_PATH
+from serve.endpoints import (
+    EXIT_TIMEOUT_S,
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PATH,
+    METRICS_PORT,
+    READY_PATH,
+    Addresses,
+)
 from serve.standin import build_shadow_repository
 from serve.supervisor import Supervisor
 
@@ -113,7 +121,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class TritonServer:
+class TritonServer(Addresses):
     """A Triton server process bound to ``host`` (127.0.0.1 unless told otherwise).
 
     Use as a context manager, or ``start()`` / ``wait_ready()`` / ``stop()``.
@@ -167,14 +175,6 @@ class TritonServer:
         self._reader: threading.Thread | None = None
 
     # -- addresses -------------------------------------------------------------------------
-    @property
-    def http_url(self) -> str:
-        return f"{self.host}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
-
     @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}{METRICS_PATH}"
