@@ -58,10 +58,10 @@ WINDOWS = 2  # served / in-process alternations per row
 def make_repository(onnx_path: Path, settings: Settings, repo: Path, overrides: dict[str, Any] | None = None) -> Path:
     """The repository ``export/to_onnx.py`` writes (same config builders), optionally with the
     serving settings changed (for ``--sweep``): ``queue_delay_us``, ``instances``,
-    ``intra_op_threads``, ``preprocess_instances``; and the admission control
+    ``intra_op_threads``, ``allow_spinning``, ``preprocess_instances``; and the admission control
     (``bench/overload.py``): ``queue_timeout_ms``, ``max_queue_size``."""
     from export.repository import write_repository
-    from export.triton_config import ModelSpec, parse_pbtxt, to_pbtxt
+    from export.triton_config import SPINNING_PARAMETER, ModelSpec, parse_pbtxt, to_pbtxt
     from threegnet_preprocessing import Preprocessing
 
     pp = Preprocessing(resize=settings.resize, crop=settings.crop)
@@ -78,7 +78,7 @@ def make_repository(onnx_path: Path, settings: Settings, repo: Path, overrides: 
     labels = [f"class_{i}" for i in range(settings.num_classes)]
     write_repository(repo, spec, onnx_path, labels, pp.to_dict(), version=1)
     for model, keys in (
-        (MODEL, ("queue_delay_us", "instances", "intra_op_threads")),
+        (MODEL, ("queue_delay_us", "instances", "intra_op_threads", "allow_spinning")),
         (spec.preprocess_name, ("preprocess_instances",)),
     ):
         if not any(k in overrides for k in keys):
@@ -91,6 +91,8 @@ def make_repository(onnx_path: Path, settings: Settings, repo: Path, overrides: 
             cfg.instance_group[0].count = int(overrides["instances"])
         if "intra_op_threads" in overrides:
             cfg.parameters["intra_op_thread_count"].string_value = str(overrides["intra_op_threads"])
+        if "allow_spinning" in overrides and model == MODEL:
+            cfg.parameters[SPINNING_PARAMETER].string_value = "1" if overrides["allow_spinning"] else "0"
         if "preprocess_instances" in overrides and model != MODEL:
             cfg.instance_group[0].count = int(overrides["preprocess_instances"])
         path.write_text(to_pbtxt(cfg))

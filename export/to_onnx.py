@@ -33,7 +33,7 @@ from export.onnx_graph import (
     output_names,
     set_metadata,
 )
-from export.precision import PRECISIONS, half_precision, quantize_int8
+from export.precision import CALIBRATION_IMAGES, PRECISIONS, half_precision, quantize_int8
 from export.repository import RepositoryError, check_writable, choose_version, write_repository
 from export.serving_model import ServingModel
 from export.triton_config import (
@@ -63,6 +63,7 @@ from training.model import ARCHS
 
 # Tolerances per precision: (max |Δ probability| vs PyTorch fp32, min top-1 agreement). INT8 is judged
 # by export.verify.check_agreement instead: no top-1 change where fp32 is sure, no accuracy lost.
+MAX_IMAGES = CALIBRATION_IMAGES  # read from each image folder (calibration, verification) at most
 TOLERANCES = {"fp32": (1e-3, 1.0), "fp16": (0.05, 0.9), "int8": (1.0, 0.0)}
 
 
@@ -103,7 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"INT8 must agree with fp32 on every image where fp32's top-1 margin is at least this "
         f"(default {CONFIDENT_MARGIN})",
     )
-    p.add_argument("--max-images", type=int, default=64, help="images read from each folder at most (default: 64)")
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=MAX_IMAGES,
+        help=f"images read from each folder at most (default: {MAX_IMAGES})",
+    )
     p.add_argument("--tensorrt-fp16", action="store_true", help="add the TensorRT FP16 accelerator (GPU deployments)")
     p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help=f"default: {MAX_BATCH_SIZE}")
     p.add_argument(
@@ -117,6 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=INTRA_OP_THREADS,
         help="onnxruntime threads per instance (default: 0 = the cores shared out among the instances)",
+    )
+    p.add_argument(
+        "--allow-spinning",
+        action="store_true",
+        help="let onnxruntime's threads busy-wait between operators (default: off; it starves the decoders)",
     )
     p.add_argument(
         "--preprocess-instances",
@@ -309,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
             tensorrt_fp16=args.tensorrt_fp16,
             instances=args.instances,
             intra_op_threads=args.intra_op_threads,
+            allow_spinning=args.allow_spinning,
             queue_timeout_ms=args.queue_timeout_ms,
             max_queue_size=args.max_queue_size,
             version_policy=args.version_policy,

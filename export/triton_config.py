@@ -46,16 +46,25 @@ MODEL_INSTANCES = 1
 # onnxruntime backend reads 0 as "all cores", so with several instances on a CPU-only deployment in
 # NVIDIA's container give cores / instances).
 INTRA_OP_THREADS = 0
+# Whether onnxruntime's intra-op threads spin (busy-wait) for the next operator's work instead of
+# sleeping (to_onnx.py --allow-spinning; onnxruntime's own default is to spin). Off: bench/payloads.py on
+# the 2-core CPU (ResNet50-3G, gRPC, concurrency 4, two runs alternating on/off) served the tensor path
+# at 24.1-24.4 img/s with spinning off and 18.6-19.5 with it on, and 12 MP JPEGs as bytes at 15.1 against
+# 13.8-14.1: between batches, and while the decoders need a core, the model's threads burnt it waiting.
+# Read by the python-backend stand-in as an onnxruntime session config entry (every ``session.*``
+# parameter is); Triton's onnxruntime backend does not document it, so NVIDIA's container ignores it.
+ALLOW_SPINNING = False
+SPINNING_PARAMETER = "session.intra_op.allow_spinning"
 # The preprocessing model (decode + resize + crop: single-threaded Pillow, so one thread per instance)
 # gets one instance per core of the machine that exports, at most MAX_PREPROCESS_INSTANCES
 # (to_onnx.py --preprocess-instances to size it for another machine). Why one per core: a 12 MP
 # JPEG costs about 20 ms of one core even on the fast path (docs/performance.md section 7), so on a
 # GPU, where the model answers in a few ms, decoding is the bottleneck and wants every core. On a CPU
 # the model and the decoders share the cores; bench/payloads.py on this 2-core machine (ResNet50-3G,
-# gRPC, concurrency 4, 12 MP JPEGs) measured 2 instances at 13.6 img/s and 1 at 12.5 (0.76x and 0.72x
-# of the tensor path, alternating in the same run): with one decoder, a burst of photos queues behind
-# it while a core idles between model runs. An idle instance costs only memory (about 60 MB), hence
-# the cap rather than more instances than cores.
+# gRPC, concurrency 4, 12 MP JPEGs, onnxruntime still spinning) measured 2 instances at 13.6 img/s and
+# 1 at 12.5 (0.76x and 0.72x of the tensor path, alternating in the same run): with one decoder, a
+# burst of photos queues behind it while a core idles between model runs. An idle instance costs only
+# memory (about 60 MB), hence the cap rather than more instances than cores.
 MAX_PREPROCESS_INSTANCES = 16
 
 
@@ -99,6 +108,7 @@ class ModelSpec:
     tensorrt_fp16: bool = False
     instances: int = MODEL_INSTANCES
     intra_op_threads: int = INTRA_OP_THREADS
+    allow_spinning: bool = ALLOW_SPINNING
     queue_timeout_ms: int = QUEUE_TIMEOUT_MS  # 0: no admission control
     max_queue_size: int = MAX_QUEUE_SIZE
     version_policy: str = VERSION_POLICY
@@ -225,7 +235,13 @@ def onnx_model_config(spec: ModelSpec) -> mc.ModelConfig:
         trt.parameters["trt_engine_cache_enable"] = "1"
         trt.parameters["trt_engine_cache_path"] = "/tmp/triton_trt_cache"
     _parameters(
-        cfg, {**spec.parameters, "image_model": spec.image_name, "intra_op_thread_count": str(spec.intra_op_threads)}
+        cfg,
+        {
+            **spec.parameters,
+            "image_model": spec.image_name,
+            "intra_op_thread_count": str(spec.intra_op_threads),
+            SPINNING_PARAMETER: "1" if spec.allow_spinning else "0",
+        },
     )
     return cfg
 

@@ -309,6 +309,10 @@ def test_instances_and_threads_flags_reach_the_config(tiny_checkpoint, tmp_path)
     assert export_main([*args, "--instances", "2", "--intra-op-threads", "4"]) == 0
     raw = parse_pbtxt((tmp_path / "threegnet" / "config.pbtxt").read_text())
     assert raw.instance_group[0].count == 2 and raw.parameters["intra_op_thread_count"].string_value == "4"
+    assert raw.parameters["session.intra_op.allow_spinning"].string_value == "0"  # the default: off
+    assert export_main([*args, "--allow-spinning", "--force"]) == 0
+    raw = parse_pbtxt((tmp_path / "threegnet" / "config.pbtxt").read_text())
+    assert raw.parameters["session.intra_op.allow_spinning"].string_value == "1"
     for flag in ("--instances", "--preprocess-instances"):
         result = run_export(*args, flag, "0")
         assert result.returncode == 2 and "--instances and --preprocess-instances must be >= 1" in result.stderr

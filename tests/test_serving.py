@@ -137,6 +137,27 @@ def test_metadata_and_config_endpoints(triton):
     config = c.get_model_config("threegnet")
     assert config["max_batch_size"] == 32 and config["parameters"]["image_model"]["string_value"] == "threegnet_image"
     assert c.get_model_metadata("threegnet")["inputs"][0]["datatype"] == "UINT8"
+    assert config["parameters"]["session.intra_op.allow_spinning"]["string_value"] == "0"
+
+
+def test_the_stand_in_applies_the_configs_onnxruntime_settings(monkeypatch):
+    """What the served session is built with: thread counts and every ``session.*`` parameter
+    (the stand-in module imported beside a placeholder for the python backend's utilities)."""
+    import importlib.util
+    import types
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("onnx_standin", ROOT / "serve" / "triton_models" / "onnx_standin.py")
+    standin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standin)
+    params = {"intra_op_thread_count": "3", "session.intra_op.allow_spinning": "0", "arch": "resnet18_3g"}
+    options = standin.session_options(params, instances=1)
+    assert options.intra_op_num_threads == 3
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration with key: arch"):
+        options.get_session_config_entry("arch")  # only session.* keys are onnxruntime's
+    shared = standin.session_options({"intra_op_thread_count": "0"}, instances=2)
+    assert shared.intra_op_num_threads == max(1, (os.cpu_count() or 1) // 2)
 
 
 def test_concurrent_clients_are_all_answered_correctly(triton, reference):

@@ -14,18 +14,30 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
+def session_options(params, instances):
+    """onnxruntime options from the model's config parameters: Triton's ``intra_op_thread_count``
+    (0: the machine's cores shared out among this model's instances, export/triton_config.py) and
+    ``inter_op_thread_count``, and every ``session.*`` key as a session config entry (such as
+    ``session.intra_op.allow_spinning``)."""
+    options = ort.SessionOptions()
+    threads = int(params.get("intra_op_thread_count", "0"))
+    if threads == 0:
+        threads = max(1, (os.cpu_count() or 1) // instances)
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = int(params.get("inter_op_thread_count", "0"))
+    for key, value in params.items():
+        if key.startswith("session."):
+            options.add_session_config_entry(key, value)
+    return options
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        options = ort.SessionOptions()
-        threads = int(params.get("intra_op_thread_count", "0"))
-        if threads == 0:  # share the cores out among this model's instances (export/triton_config.py)
-            instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
-            threads = max(1, (os.cpu_count() or 1) // instances)
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = int(params.get("inter_op_thread_count", "0"))
+        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        options = session_options(params, instances)
         providers = ["CPUExecutionProvider"]
         if params.get("onnxruntime_device") == "cuda":
             if hasattr(ort, "preload_dlls"):
