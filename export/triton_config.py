@@ -52,7 +52,7 @@ INTRA_OP_THREADS = 0
 # at 24.1-24.4 img/s with spinning off and 18.6-19.5 with it on, and 12 MP JPEGs as bytes at 15.1 against
 # 13.8-14.1: between batches, and while the decoders need a core, the model's threads burnt it waiting.
 # Read by the python-backend stand-in as an onnxruntime session config entry (every ``session.*``
-# parameter is); Triton's onnxruntime backend does not document it, so NVIDIA's container ignores it.
+# parameter is); Triton's onnxruntime backend does not document it, so in NVIDIA's container it may do nothing.
 ALLOW_SPINNING = False
 SPINNING_PARAMETER = "session.intra_op.allow_spinning"
 # The preprocessing model (decode + resize + crop: single-threaded Pillow, so one thread per instance)
