@@ -367,11 +367,24 @@ def report(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> Non
     print(markdown)
 
 
-def run_part(name: str, doc: str | None, run: Callable[[Settings, Path], tuple[dict[str, Any], str]]) -> int:
-    """``main()`` of a part with only the shared flags: run it in a scratch folder and report."""
-    args = part_parser(doc).parse_args()
+def run_part(
+    name: str,
+    doc: str | None,
+    run: Callable[..., tuple[dict[str, Any], str]],
+    flags: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """``main()`` of a part: parse the shared flags, run it in a scratch folder and report.
+
+    ``flags(parser)`` adds the part's own flags; ``run`` is then called with the parsed arguments
+    as a third argument, and a ``--work`` flag among them replaces the scratch folder."""
+    p = part_parser(doc)
+    if flags is not None:
+        flags(p)
+    args = p.parse_args()
+    settings = Settings.make(args.quick)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data, markdown = run(Settings.make(args.quick), Path(tmp))
+        work = getattr(args, "work", None) or Path(tmp)
+        data, markdown = run(settings, work) if flags is None else run(settings, work, args)
     report(args.out, name, data, markdown)
     return 0
 

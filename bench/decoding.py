@@ -21,9 +21,9 @@ Models: ResNet50-3G at 224 px with a head trained on built-in textures (the mode
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, Settings, entry, log, md_table, part_parser, report, stage
+from bench.common import ROOT, Settings, entry, log, md_table, run_part, stage
 
 CAMERA = (4032, 3024)  # a 12 MP phone photo, landscape
 NOISE_SIGMA = 4.7  # sensor noise, in 8-bit levels: with it the photos are 2.6 MB, the issue's phone photo
@@ -267,15 +267,11 @@ def run(settings: Settings, work: Path, demo_repository: Path | None = ROOT / "m
 
 
 def main() -> int:
-    p = part_parser(__doc__)
-    p.add_argument("--demo-repository", type=Path, default=ROOT / "model_repository")
-    p.add_argument("--work", type=Path, help="keep the data and the trained model here")
-    args = p.parse_args()
-    settings = Settings.make(args.quick)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data, markdown = run(settings, args.work or Path(tmp), args.demo_repository)
-    report(args.out, "decoding", data, markdown)
-    return 0
+    def flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--demo-repository", type=Path, default=ROOT / "model_repository")
+        p.add_argument("--work", type=Path, help="keep the data and the trained model here")
+
+    return run_part("decoding", __doc__, lambda settings, work, args: run(settings, work, args.demo_repository), flags)
 
 
 if __name__ == "__main__":

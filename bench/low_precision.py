@@ -26,7 +26,7 @@ is trained, cheaply and honestly:
 
 from __future__ import annotations
 
-import tempfile
+import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,7 @@ from bench.common import (
     log,
     md_table,
     onnx_engine,
-    part_parser,
-    report,
+    run_part,
     stage,
 )
 
@@ -399,15 +398,11 @@ def sensitivity(fp32: Path, calibration: np.ndarray, val_x: np.ndarray, work: Pa
 
 
 def main() -> int:
-    p = part_parser(__doc__)
-    p.add_argument("--work", type=Path, help="keep the data, trained weights and ONNX files here")
-    p.add_argument("--sensitivity", action="store_true", help="also quantize one module at a time (slow)")
-    args = p.parse_args()
-    settings = Settings.make(args.quick)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data, markdown = run(settings, args.work or Path(tmp), args.sensitivity)
-    report(args.out, "low_precision", data, markdown)
-    return 0
+    def flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--work", type=Path, help="keep the data, trained weights and ONNX files here")
+        p.add_argument("--sensitivity", action="store_true", help="also quantize one module at a time (slow)")
+
+    return run_part("low_precision", __doc__, lambda settings, work, args: run(settings, work, args.sensitivity), flags)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the server stayed ready, and the server's memory (all its processes) before and 
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,9 +29,8 @@ from bench.common import (
     images,
     log,
     md_table,
-    part_parser,
     percentile,
-    report,
+    run_part,
     stage,
 )
 from bench.serving import MODEL, Requests, closed_loop, make_repository, server_processes
@@ -198,12 +196,7 @@ def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> tuple[
 
 
 def main() -> int:
-    args = part_parser(__doc__).parse_args()
-    settings = Settings.make(args.quick)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data, markdown = run(settings, Path(tmp))
-    report(args.out, "overload", data, markdown)
-    return 0
+    return run_part("overload", __doc__, run)
 
 
 if __name__ == "__main__":

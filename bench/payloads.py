@@ -20,15 +20,15 @@ repeats the run for each preprocessing instance count: the measurement behind
 
 from __future__ import annotations
 
+import argparse
 import io
 import itertools
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import Settings, build_serving, entry, export, log, md_table, part_parser, report, stage
+from bench.common import Settings, build_serving, entry, export, log, md_table, run_part, stage
 from bench.decoding import camera_photos
 from bench.serving import Requests, closed_loop, make_repository
 
@@ -179,9 +179,9 @@ def run(
         "`threegnet_image`, which decodes them in the preprocessing model. CPU: user + system time of "
         "the Triton process with its backend stubs and of the load generator (client and server share "
         "the cores here) during the measured windows, per image answered; cores busy = CPU per image x "
-        "images/s. Were both paths to keep every core busy, their throughput ratio would be the CPU ratio; "
-        "the tensor path leaves part of the cores idle (the model's threads wait on each other and on the "
-        "batcher), and the bytes path's decoding fills some of that time.\n"
+        "images/s. When both paths keep every core busy, their throughput ratio is the CPU ratio; where the "
+        "tensor path leaves cores idle (waiting on the batcher), the bytes path's decoding fills that time "
+        "and the ratio rises above it.\n"
     )
     shipped = [r for r in rows if r["preprocess_instances"] == counts[0]]
     data = {
@@ -194,14 +194,13 @@ def run(
 
 
 def main() -> int:
-    p = part_parser(__doc__)
-    p.add_argument("--instances", type=int, nargs="+", help="preprocessing instance counts to compare")
-    args = p.parse_args()
-    settings = Settings.make(args.quick)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data, markdown = run(settings, Path(tmp), instances=tuple(args.instances) if args.instances else None)
-    report(args.out, "payloads", data, markdown)
-    return 0
+    def flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--instances", type=int, nargs="+", help="preprocessing instance counts to compare")
+
+    def run_with(settings: Settings, work: Path, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+        return run(settings, work, instances=tuple(args.instances) if args.instances else None)
+
+    return run_part("payloads", __doc__, run_with, flags)
 
 
 if __name__ == "__main__":
