@@ -187,7 +187,9 @@ def predictions(worker: Worker, x: np.ndarray) -> np.ndarray:
     return np.concatenate([worker.run(x[i : i + CHUNK])[1] for i in range(0, len(x), CHUNK)])
 
 
-def run(settings: Settings, work: Path, with_sensitivity: bool = False) -> tuple[dict[str, Any], str]:
+def run(
+    settings: Settings, work: Path, with_sensitivity: bool = False, with_bit_widths: bool = False
+) -> tuple[dict[str, Any], str]:
     import torch
 
     from export.precision import (
@@ -334,6 +336,18 @@ def run(settings: Settings, work: Path, with_sensitivity: bool = False) -> tuple
     if with_sensitivity:
         data["sensitivity"], more = sensitivity(fp32, calibration, val_x, work)
         markdown += "\n" + more + "\n"
+    if with_bit_widths:
+        from bench.bit_widths import study
+
+        # quantize_int8 left the fp32 model it quantized (the same for both recipes) in the work folder.
+        compare = {
+            "bf16 autocast (PyTorch)": probs["eager_bf16"],
+            "the INT8 model (onnxruntime kernels)": probs["onnxruntime_int8"],
+        }
+        data["bit_widths"], more = study(
+            int8, work / "int8_prepared.onnx", val_x, probs["onnxruntime_fp32"], work, compare
+        )
+        markdown += "\n" + more + "\n"
     return data, markdown
 
 
@@ -401,8 +415,14 @@ def main() -> int:
     def flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--work", type=Path, help="keep the data, trained weights and ONNX files here")
         p.add_argument("--sensitivity", action="store_true", help="also quantize one module at a time (slow)")
+        p.add_argument(
+            "--bit-widths", action="store_true", help="also re-run the INT8 graph at other bit widths (slow)"
+        )
 
-    return run_part("low_precision", __doc__, lambda settings, work, args: run(settings, work, args.sensitivity), flags)
+    def part(settings: Settings, work: Path, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+        return run(settings, work, args.sensitivity, args.bit_widths)
+
+    return run_part("low_precision", __doc__, part, flags)
 
 
 if __name__ == "__main__":
