@@ -80,6 +80,26 @@ def test_nested_files_and_other_extensions_are_found(tmp_path):
     assert [(p.rsplit("/", 1)[1], t) for p, t in data.samples] == [("x.JPEG", 0), ("y.webp", 1)]
 
 
+def test_the_formats_people_have_are_trained_on(tmp_path):
+    """HEIC, AVIF, progressive/CMYK JPEG, 16-bit PNG, EXIF-rotated: found by the scan and decoded as displayed."""
+    from photos import photos
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    made = photos(size=(64, 48), camera=(320, 240))
+    for photo in made:
+        (folder / f"{photo.name}{photo.suffix}").write_bytes(photo.data)
+    data = ImageFolderData(tmp_path, ["c"], eval_transform(PP))
+    assert sorted(p.rsplit("/", 1)[1] for p, _ in data.samples) == sorted(f"{p.name}{p.suffix}" for p in made)
+    assert {p.suffix for p in made} >= {".heic", ".avif"}
+    by_name = {p.rsplit("/", 1)[1]: i for i, (p, _) in enumerate(data.samples)}
+    for photo in made:
+        image, target = data[by_name[f"{photo.name}{photo.suffix}"]]
+        assert image.shape == (3, 32, 32) and target == 0, photo.name
+        expected = eval_transform(PP)(Image.fromarray(photo.expected))
+        assert (image - expected).abs().mean() <= photo.tolerance / 255 / min(PP.std) + 0.05, photo.name
+
+
 def test_every_image_mode_becomes_three_channels(tmp_path):
     folder = tmp_path / "c"
     folder.mkdir()

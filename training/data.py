@@ -23,9 +23,10 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from threegnet_preprocessing import ImageError, Preprocessing, open_image, resize_shorter
+from threegnet_preprocessing import IMAGE_SUFFIXES, ImageError, Preprocessing, open_image, resize_shorter
 
-EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
+# What the server, the CLI and the export accept (HEIC, AVIF, ...) and what torchvision's ImageFolder finds.
+EXTENSIONS = tuple(sorted(IMAGE_SUFFIXES.union(IMG_EXTENSIONS)))
 
 
 class DataError(ValueError):
