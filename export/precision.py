@@ -72,6 +72,11 @@ def module_nodes(graph: onnx.GraphProto, modules: tuple[str, ...]) -> list[str]:
     return [node.name for node in graph.node if wanted & set(_module_path(node)[1:])]
 
 
+def missing_modules(graph: onnx.GraphProto, modules: tuple[str, ...]) -> list[str]:
+    """Those of ``modules`` that name no node of ``graph`` (a typo would otherwise keep nothing in fp32)."""
+    return [m for m in modules if not module_nodes(graph, (m,))]
+
+
 # The INT8 recipe: modules kept in fp32 besides the second-order part and the serving wrapper, and how
 # activations are calibrated. From a per-layer sensitivity study on ResNet50-3G with a trained head
 # (bench/low_precision.py --sensitivity; docs/performance.md section 3). The fc stays fp32: its input, the
@@ -83,8 +88,8 @@ def module_nodes(graph: onnx.GraphProto, modules: tuple[str, ...]) -> list[str]:
 # other bit widths (bench/bit_widths.py), 8-bit activations alone make 2.7x bf16's noise and 8-bit weights
 # alone 2.0x; bf16's level takes about 10 bits on both, which onnxruntime's CPU kernels lack. Keeping the
 # first layers (conv1, fused with bn1 and named after it, and layer1) fp32 halves the flips, 11-16, but
-# INT8 then runs 2.3x fp32 instead of 2.7x: under the 2.5x target, so not the default;
-# bench/low_precision.py measures it beside the default.
+# INT8 then runs 2.3x fp32 instead of 2.7x: under the 2.5x target, so not the default (to_onnx.py
+# --int8-fp32-modules exports it; bench/low_precision.py measures it beside the default).
 FP32_MODULES: tuple[str, ...] = ("model.fc",)
 EARLY_FP32_MODULES: tuple[str, ...] = ("model.fc", "model.bn1", "model.layer1")
 CALIBRATION_OPTIONS: dict[str, object] = {"CalibMovingAverage": True}

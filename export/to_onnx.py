@@ -33,7 +33,14 @@ from export.onnx_graph import (
     output_names,
     set_metadata,
 )
-from export.precision import CALIBRATION_IMAGES, PRECISIONS, half_precision, quantize_int8
+from export.precision import (
+    CALIBRATION_IMAGES,
+    FP32_MODULES,
+    PRECISIONS,
+    half_precision,
+    missing_modules,
+    quantize_int8,
+)
 from export.repository import RepositoryError, check_writable, choose_version, write_repository
 from export.serving_model import ServingModel
 from export.triton_config import (
@@ -103,6 +110,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=CONFIDENT_MARGIN,
         help=f"INT8 must agree with fp32 on every image where fp32's top-1 margin is at least this "
         f"(default {CONFIDENT_MARGIN})",
+    )
+    p.add_argument(
+        "--int8-fp32-modules",
+        nargs="+",
+        default=list(FP32_MODULES),
+        metavar="MODULE",
+        help=f"INT8: modules kept in fp32 besides the second-order head (default: {' '.join(FP32_MODULES)}). "
+        "'model.fc model.bn1 model.layer1' (conv1 is fused with bn1) halves the near-tie flips and runs "
+        "at ~2.3x fp32 instead of ~2.7x (docs/performance.md, section 3)",
     )
     p.add_argument(
         "--max-images",
@@ -252,7 +268,15 @@ def run(args: argparse.Namespace) -> int:
             reports["fp16_vs_pytorch"] = verify("fp16 ONNX vs PyTorch fp32", final, serving, images, "fp16")
         elif args.precision == "int8":
             final = work / "int8.onnx"
-            quantize_int8(fp32_path, final, calibration, work)
+            fp32_modules = tuple(args.int8_fp32_modules)
+            unknown = missing_modules(onnx.load(str(fp32_path), load_external_data=False).graph, fp32_modules)
+            if unknown:
+                raise ExportInputError(
+                    f"--int8-fp32-modules: no module {', '.join(unknown)} in this model "
+                    "(module paths as in the state dict, e.g. model.fc, model.bn1, model.layer1, model.layer4.2)"
+                )
+            log(f"  int8: {', '.join(fp32_modules)} kept in fp32 with the second-order head")
+            quantize_int8(fp32_path, final, calibration, work, fp32_modules=fp32_modules)
             check_graph(onnx.load(str(final)))
             reports["int8_vs_fp32"] = verify("int8 ONNX vs fp32 ONNX", final, fp32_path, images, "int8")
             if args.verify_images is None:
@@ -303,7 +327,11 @@ def run(args: argparse.Namespace) -> int:
                 "exporter": exporter,
                 "verification": {
                     **{k: r.summary() for k, r in reports.items()},
-                    **({"int8_agreement": int8_summary} if args.precision == "int8" else {}),
+                    **(
+                        {"int8_agreement": int8_summary, "int8_fp32_modules": list(args.int8_fp32_modules)}
+                        if args.precision == "int8"
+                        else {}
+                    ),
                 },
             },
         )

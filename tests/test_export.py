@@ -222,6 +222,34 @@ def test_int8_keeps_the_second_order_head_and_softmax_in_fp32(tiny_checkpoint, t
     assert meta["precision"] == "int8"
 
 
+def test_int8_keeps_the_modules_asked_for_in_fp32(tiny_checkpoint, tmp_path):
+    from export.precision import module_nodes
+
+    images = calibration_images(tmp_path / "calib")
+    args = ["--checkpoint", str(tiny_checkpoint), "--precision", "int8", "--calibration-images", str(images)]
+    early = ["model.fc", "model.bn1", "model.layer1"]
+    result = run_export(*args, "--output-dir", str(tmp_path / "repo"), "--int8-fp32-modules", *early)
+    assert result.returncode == 0, result.stderr
+    assert "model.fc, model.bn1, model.layer1 kept in fp32" in result.stderr
+    model = onnx.load(str(tmp_path / "repo" / "threegnet" / "1" / "model.onnx"))
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def quantized_convs(module: str) -> list[bool]:
+        names = set(module_nodes(model.graph, (module,)))
+        convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name in names]
+        assert convs, module
+        return [n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear" for n in convs]
+
+    assert not any(quantized_convs("model.bn1")) and not any(quantized_convs("model.layer1"))
+    assert all(quantized_convs("model.layer2"))  # the rest is still INT8
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["verification"])["int8_fp32_modules"] == early
+    # A module the model does not have is named, not silently ignored, and nothing is written.
+    typo = run_export(*args, "--output-dir", str(tmp_path / "typo"), "--int8-fp32-modules", "model.fc", "model.layr1")
+    assert typo.returncode == 2 and "no module model.layr1 in this model" in typo.stderr, typo.stderr
+    assert not (tmp_path / "typo" / "threegnet" / "1").exists()
+
+
 def test_int8_gate_allows_flips_on_near_ties_only_and_no_lost_accuracy():
     reference = np.array([[0.60, 0.30, 0.10], [0.40, 0.39, 0.21], [0.20, 0.70, 0.10]])
     labels = np.array([0, 1, 1])  # fp32 gets 2 of 3 right

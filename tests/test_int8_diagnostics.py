@@ -1,4 +1,5 @@
-"""bench/bit_widths.py: the INT8 graph re-run at other bit widths rounds what it says and nothing else."""
+"""Where the INT8 flips come from: bench/bit_widths.py (the INT8 graph re-run at other bit widths
+rounds what it says and nothing else) and bench/low_precision.py --sensitivity (one module at a time)."""
 
 from __future__ import annotations
 
@@ -126,3 +127,18 @@ def test_study_reports_every_configuration_against_fp32(quantized, tmp_path):
     assert all(r["rms_diff_top2_log_odds"] > 0 for r in rows[:-1])  # every configuration rounds something
     assert "| " + " | ".join(HEADERS) + " |" in markdown and markdown.count("\n| ") == len(rows) + 1
     assert not list(tmp_path.glob("sim_*.onnx"))  # the simulated graphs are not left behind
+
+
+def test_sensitivity_quantizes_one_module_at_a_time(quantized, tmp_path):
+    from bench.low_precision import sensitivity
+
+    fp32, _, _, x = quantized
+    rows, markdown = sensitivity(fp32, images(16, 64), x, tmp_path)
+    groups = [r["group"] for r in rows]
+    assert {"model.bn1", "model.layer1", "model.layer4", "model.fc"} <= set(groups), groups
+    assert any(g.startswith("model.head.") for g in groups)  # the head's own layers, each alone
+    for row in rows:
+        assert row["nodes"] > 0 and 0 <= row["top1_changes"] <= len(x)
+        assert len(row["fp32_margins_where_changed"]) == row["top1_changes"]
+        assert 0 < row["max_abs_diff_probability"] <= 1  # each quantizes something, so something moves
+    assert markdown.count("\n| ") == len(rows) + 1
