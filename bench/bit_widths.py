@@ -80,6 +80,7 @@ def simulate(
     relus: dict[int, onnx.NodeProto] = {}  # a removed Quantize's replacement, in its place
     added: list[onnx.TensorProto] = []
     for node in graph.node:
+        # At 8 bits the activation pairs stay as the quantizer wrote them.
         if node.op_type == "QuantizeLinear" and node.input[0] not in initializers and activation_bits != 8:
             pairs = [c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
             scale = float(numpy_helper.to_array(initializers[node.input[1]]))
