@@ -20,6 +20,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bench.common import log, md_table, stage
+from export.verify import probabilities
+
 # (activation bits, weight bits); None = fp32. The first is the INT8 model as simulated here.
 CONFIGURATIONS: tuple[tuple[int | None, int | None], ...] = (
     (8, 8),
@@ -136,13 +139,11 @@ def study(
 ) -> tuple[list[dict], str]:
     """Top-1 changes against ``reference`` (fp32 probabilities on ``images``) for every configuration,
     with ``compare``'s probabilities (e.g. bf16 autocast) as extra rows."""
-    from bench.common import log, md_table, stage
-    from export.verify import probabilities
-
     top2 = np.sort(reference, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     # What a flip needs: noise in the log-odds of fp32's top-1 against its runner-up.
-    first, second = np.argsort(reference, axis=1)[:, -1:], np.argsort(reference, axis=1)[:, -2:-1]
+    order = np.argsort(reference, axis=1)
+    first, second = order[:, -1:], order[:, -2:-1]
 
     def log_odds(probs: np.ndarray) -> np.ndarray:
         return np.log(np.take_along_axis(probs, first, 1)) - np.log(np.take_along_axis(probs, second, 1))

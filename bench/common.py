@@ -373,17 +373,20 @@ def run_part(
     run: Callable[..., tuple[dict[str, Any], str]],
     flags: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
-    """``main()`` of a part: parse the shared flags, run it in a scratch folder and report.
+    """``main()`` of a part: parse the shared flags, run it in a scratch folder (or ``--work``) and report.
 
     ``flags(parser)`` adds the part's own flags; ``run`` is then called with the parsed arguments
-    as a third argument, and a ``--work`` flag among them replaces the scratch folder."""
+    as a third argument."""
     p = part_parser(doc)
+    p.add_argument(
+        "--work", type=Path, help="keep the part's data, models and ONNX files here (default: a scratch folder)"
+    )
     if flags is not None:
         flags(p)
     args = p.parse_args()
     settings = Settings.make(args.quick)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        work = getattr(args, "work", None) or Path(tmp)
+        work = args.work or Path(tmp)
         data, markdown = run(settings, work) if flags is None else run(settings, work, args)
     report(args.out, name, data, markdown)
     return 0

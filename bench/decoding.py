@@ -269,7 +269,6 @@ def run(settings: Settings, work: Path, demo_repository: Path | None = ROOT / "m
 def main() -> int:
     def flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--demo-repository", type=Path, default=ROOT / "model_repository")
-        p.add_argument("--work", type=Path, help="keep the data and the trained model here")
 
     return run_part("decoding", __doc__, lambda settings, work, args: run(settings, work, args.demo_repository), flags)
 

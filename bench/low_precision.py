@@ -413,7 +413,6 @@ def sensitivity(fp32: Path, calibration: np.ndarray, val_x: np.ndarray, work: Pa
 
 def main() -> int:
     def flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--work", type=Path, help="keep the data, trained weights and ONNX files here")
         p.add_argument("--sensitivity", action="store_true", help="also quantize one module at a time (slow)")
         p.add_argument(
             "--bit-widths", action="store_true", help="also re-run the INT8 graph at other bit widths (slow)"
