@@ -33,6 +33,23 @@ except ImportError:  # pragma: no cover - a base dependency; a bare copy still d
 MAX_PIXELS = 8192 * 8192
 # Smaller than this on either side is refused: such an image holds no texture to classify.
 MIN_SIDE = 8
+# Longer side over shorter side, at most. The pixel cap alone lets thin images through (8 x 250000 is
+# 2 Mpx), and resizing their short side to the target blew them up to gigabytes. Real uploads stay
+# well inside 20:1: phone panoramas are about 4:1 (a 360-degree sweep 8-9:1), equirectangular 2:1,
+# a long scrolling screenshot of a dozen screens 1080 x 20000 about 19:1. The centre crop of a 20:1
+# image already sees 5% of it; beyond that there is nothing left to classify.
+MAX_ASPECT = 20.0
+# The image resized to the model's shorter side (the intermediate before the crop), at most this many
+# pixels: with MAX_ASPECT it only binds for resize targets over 915 px, and it is what bounds the work
+# whatever the preprocessing record says (4096 x 4096 RGB: 48 MiB).
+MAX_RESIZED_PIXELS = 4096 * 4096
+# Encoded bytes of one image, at most: what the demo lets people upload (client/demo.py) and more than
+# any camera's JPEG (a 50 MP photo at quality 95 is about 20 MB).
+MAX_IMAGE_BYTES = 25 * 1024 * 1024
+# What Pillow may open: the formats people upload (IMAGE_SUFFIXES). Without the list Pillow tries every
+# plugin it has (EPS, PSD, FITS, ...): decoders nobody needs and more code for a hostile file to reach.
+# MPO (multi-picture JPEGs that phones write) opens through the JPEG plugin.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF", "AVIF")
 # File suffixes taken as images when a folder is scanned (the CLI, the export's calibration folder).
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
@@ -76,15 +93,57 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message says why."""
 
 
+def check_size(
+    width: int, height: int, resize: int | None = None, max_pixels: int = MAX_PIXELS, max_aspect: float = MAX_ASPECT
+) -> None:
+    """Refuse, with the reason, an image whose decoding or resizing would cost too much; from the
+    header's size alone, so nothing is decoded before the answer (what the server can afford per image).
+
+    ``resize``: the shorter side is to be resized to this (the size of the intermediate is checked too).
+    """
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"image is {width}x{height} pixels; both sides must be >= {MIN_SIDE}")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} (decompression bomb guard)"
+        )
+    short, long = min(width, height), max(width, height)
+    if long > max_aspect * short:
+        ratio = f"{long / short:.2f}".rstrip("0").rstrip(".")
+        raise ImageError(
+            f"image is {width}x{height} pixels, an aspect ratio of {ratio}:1, over the limit of {max_aspect:g}:1"
+        )
+    if resize is not None and resize * int(resize * long / short) > MAX_RESIZED_PIXELS:
+        raise ImageError(
+            f"image is {width}x{height} pixels: resized to a shorter side of {resize} it would be "
+            f"{int(resize * long / short)} pixels long, over the limit of {MAX_RESIZED_PIXELS} pixels"
+        )
+
+
+def _reason(e: BaseException, with_type: bool = False) -> str:
+    """An exception's message as one short line (libraries' messages can run over several)."""
+    text = " ".join(str(e).split())[:200]
+    if with_type or not text:
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text
+
+
 def open_image(
-    source: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS, min_side: int | None = None
+    source: bytes | str | os.PathLike,
+    max_pixels: int = MAX_PIXELS,
+    min_side: int | None = None,
+    resize: int | None = None,
 ) -> Image.Image:
     """Decode bytes or a file into an RGB image, whatever its mode or format.
 
     Handles EXIF orientation, the first frame of animations, grayscale, palette, alpha,
     CMYK, 16-bit, progressive JPEG, HEIC/HEIF and AVIF images. Raises :class:`ImageError`
-    for empty, corrupt, non-image, too large or too small inputs; the size checks read
-    the header only, before any pixel is decoded.
+    for empty, corrupt, non-image, too large, too thin or too small inputs, and for any
+    other failure of the decoders (malformed EXIF, ICC profiles...): whatever the bytes, the
+    caller gets an ImageError, never another exception. The size checks (:func:`check_size`)
+    read the header only, before any pixel is decoded; ``resize`` also bounds the shorter side
+    resized to it.
 
     ``min_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
     Pillow's ``draft``) as long as both sides stay >= ``min_side``; a 12 MP photo then
@@ -93,45 +152,49 @@ def open_image(
     if isinstance(source, bytes | bytearray | memoryview):
         if len(source) == 0:
             raise ImageError("empty input: 0 bytes")
+        if len(source) > MAX_IMAGE_BYTES:
+            raise ImageError(f"image is {len(source)} bytes, over the limit of {MAX_IMAGE_BYTES}")
         stream: Any = io.BytesIO(source)
     else:
         stream = source
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(stream)
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                    f"{max_pixels} (decompression bomb guard)"
-                )
-            if min(width, height) < MIN_SIDE:
-                raise ImageError(f"image is {width}x{height} pixels; both sides must be >= {MIN_SIDE}")
+            img = Image.open(stream, formats=FORMATS)
+            check_size(*img.size, resize=resize, max_pixels=max_pixels)
             img.seek(0)  # first frame of GIF/WebP animations
             if min_side is not None:
                 img.draft(None, (min_side, min_side))  # JPEG only; a no-op for every other format
             img.load()
+            return to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognized format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image too large (decompression bomb guard): {e}") from None
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"corrupt or truncated image: {e}") from None
-    return to_rgb(ImageOps.exif_transpose(img))
+        raise ImageError(f"corrupt or truncated image: {_reason(e)}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # a decoder's own bug on hostile bytes (KeyError, IndexError, struct.error...)
+        raise ImageError(f"corrupt image: {_reason(e, with_type=True)}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; 16-bit and 32-bit grayscale are scaled, not clipped."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if img.mode.startswith("I;16"):
+        # Integer arithmetic (no float64 copy at 8 bytes a pixel): round(v / 257) is (v + 128) // 257,
+        # as v / 257 is never exactly half-way for an integer v.
+        arr = (np.asarray(img).astype(np.uint32) + 128) // 257
+        img = Image.fromarray(arr.astype(np.uint8))
+    elif img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+        if arr.max(initial=0) > 255:
             arr = arr / 257.0
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
     elif img.mode == "P" and "transparency" in img.info:
@@ -174,4 +237,4 @@ def load_and_preprocess(
     ``fast`` (the default everywhere images are served or evaluated): JPEGs decoded at the
     smallest DCT scale that keeps the shorter side >= ``pp.resize``, large reductions
     box-shrunk first; ``fast=False``: full decode and torchvision's exact resize."""
-    return preprocess(open_image(source, min_side=pp.resize if fast else None), pp, fast)
+    return preprocess(open_image(source, min_side=pp.resize if fast else None, resize=pp.resize), pp, fast)

@@ -34,8 +34,8 @@ RESULTS = ROOT / "bench" / "results"
 ARCH = "resnet50_3g"
 CROP = 224
 NUM_CLASSES = 1000
-# DESIGN §1: ResNet50-3G at 224x224 is about 6.8 GMAC = 13.6 GFLOP per image (a multiply-add is 2 FLOP).
-# bench/model_speed.py counts it again with torch's FLOP counter and records both.
+# ResNet50-3G at 224x224: about 6.8 GMAC = 13.6 GFLOP per image (docs/performance.md); bench/model_speed.py
+# counts it again with torch's FLOP counter and records both.
 GFLOP_PER_IMAGE = 13.6
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
 
@@ -61,20 +61,9 @@ class Settings:
     def make(cls, quick: bool) -> Settings:
         if not quick:
             return cls()
-        # A small 3G-Net on 64x64 crops: every code path runs, in about a minute.
-        return cls(
-            quick=True,
-            arch="resnet18_3g",
-            crop=64,
-            num_classes=8,
-            dim=32,
-            batches=(1, 4),
-            rounds=2,
-            concurrency=(1, 4),
-            serve_seconds=1.5,
-            train_per_class=4,
-            val_per_class=4,
-        )
+        # A small 3G-Net on 64x64 crops: every code path runs, in a few minutes.
+        return cls(quick=True, arch="resnet18_3g", crop=64, num_classes=8, dim=32, batches=(1, 4), rounds=2,
+                   concurrency=(1, 4), serve_seconds=1.5, train_per_class=4, val_per_class=4)  # fmt: skip
 
     @property
     def resize(self) -> int:
@@ -234,11 +223,9 @@ def _worker_main(conn: Any, factory: Callable[..., Callable[[Any], object]], arg
 class Worker:
     """An engine (PyTorch eager, an onnxruntime session, a matrix multiply) in a process of its own.
 
-    Two engines in one process disturb each other: onnxruntime's intra-op threads keep
-    spinning for a while after a run, and PyTorch's OpenMP team, which waits at a barrier
-    for every one of its threads, then loses whole scheduler time slices (measured here:
-    a 30 ms eager run took 150-1000 ms right after an onnxruntime run in the same process).
-    So each engine gets a process, and only one of them works at a time.
+    Two engines in one process disturb each other: onnxruntime's intra-op threads keep spinning
+    after a run, and PyTorch's OpenMP team, waiting at a barrier for all its threads, loses whole
+    time slices to them. So each engine gets a process, and only one of them works at a time.
     ``factory(*args)`` runs in the child (a module-level function, for pickling) and
     returns ``fn(arg)``; :meth:`run` calls it there and returns (seconds, its result).
     """
@@ -327,6 +314,14 @@ def export(serving, path: Path, crop: int) -> Path:
     return path
 
 
+def fp32_onnx(settings: Settings, work: Path, onnx_path: Path | None = None) -> Path:
+    """``onnx_path``, or the serving model exported to ``work/model.onnx`` when there is none yet."""
+    if onnx_path is None:
+        serving, _ = build_serving(settings)
+        onnx_path = export(serving, work / "model.onnx", settings.crop)
+    return onnx_path
+
+
 def images(n: int, crop: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, crop, crop, 3), dtype=np.uint8)
 
@@ -334,7 +329,11 @@ def images(n: int, crop: int, seed: int = 0) -> np.ndarray:
 # -- output -------------------------------------------------------------------------------------------
 
 
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def md_table(headers: Sequence[str] | str, rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; ``headers`` may be one string, the columns separated by " | "."""
+    if isinstance(headers, str):
+        headers = headers.split(" | ")
+
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
@@ -345,26 +344,16 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def num(value: float | None, spec: str = ".0f") -> str:
+    """``value`` formatted for a table, or "-" where nothing was measured."""
+    return "-" if value is None else format(value, spec)
+
+
 def write(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> None:
     """``out_dir/name.json`` and ``out_dir/name.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (out_dir / f"{name}.md").write_text(markdown.rstrip() + "\n")
-
-
-def part_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The command line every benchmark part shares: ``--quick`` and ``--out``."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a small model and few rounds: a smoke run")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
-    return p
-
-
-def report(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> None:
-    """Write a part's results beside a description of the machine, and print its tables."""
-    info = machine()
-    write(out_dir, name, {"machine": info, **data}, machine_markdown(info) + "\n\n" + markdown)
-    print(markdown)
 
 
 def run_part(
@@ -373,14 +362,12 @@ def run_part(
     run: Callable[..., tuple[dict[str, Any], str]],
     flags: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
-    """``main()`` of a part: parse the shared flags, run it in a scratch folder (or ``--work``) and report.
-
-    ``flags(parser)`` adds the part's own flags; ``run`` is then called with the parsed arguments
-    as a third argument."""
-    p = part_parser(doc)
-    p.add_argument(
-        "--work", type=Path, help="keep the part's data, models and ONNX files here (default: a scratch folder)"
-    )
+    """``main()`` of a part: ``--quick``, ``--out`` and ``--work``, plus what ``flags(parser)`` adds (then
+    ``run`` gets the parsed arguments too); runs it in a scratch folder, writes and prints its tables."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a small model and few rounds: a smoke run")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
+    p.add_argument("--work", type=Path, help="keep the data, models and ONNX files here (default: a scratch folder)")
     if flags is not None:
         flags(p)
     args = p.parse_args()
@@ -388,7 +375,9 @@ def run_part(
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = args.work or Path(tmp)
         data, markdown = run(settings, work) if flags is None else run(settings, work, args)
-    report(args.out, name, data, markdown)
+    info = machine()
+    write(args.out, name, {"machine": info, **data}, machine_markdown(info) + "\n\n" + markdown)
+    print(markdown)
     return 0
 
 

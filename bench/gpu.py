@@ -2,17 +2,16 @@
 
     python bench/gpu.py --out bench/results/gpu        # about 2-4 minutes on an H100
 
-Needs only torch, torchvision and numpy (and this repository's ``training/`` for the
-model). Measures, for each batch size and both models: PyTorch eager fp32 and PyTorch
-bf16 autocast (3G-Net's head keeps its covariance and Newton-Schulz in fp32 by itself);
+Needs only torch, torchvision and numpy (and this repository's ``training/``, ``export/`` and
+``threegnet_preprocessing.py`` for the model). Measures, for each batch size and both models:
+PyTorch eager fp32 and PyTorch bf16 autocast (3G-Net's head keeps its covariance and Newton-Schulz in fp32 by itself);
 then, where they exist, onnxruntime's CUDA and TensorRT (FP16) providers on the ONNX
 exports, and a Triton server. Whatever is missing is skipped with a note saying why.
 
-Both models get the same input as the served model: uint8 NHWC images already on
-the GPU, normalized inside the timed region, channels-last convolutions. ResNet50-3G
-costs 13.6 GFLOP per 224x224 image and ResNet-50 8.2 (DESIGN §1), a FLOP ratio of 0.6;
-the throughput ratio (3G img/s over ResNet-50 img/s) is reported next to it. Without
-a CUDA GPU it says so and exits 0.
+Both models run inside the serving wrapper (``export/serving_model.py``): uint8 NHWC images
+already on the GPU, normalized inside the timed region, channels-last convolutions. The
+throughput ratio (3G img/s over ResNet-50 img/s) is reported next to the FLOP ratio
+(docs/performance.md). Without a CUDA GPU it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import platform
 import shutil
 import sys
@@ -28,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -38,30 +37,30 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the repository's packages first
     sys.path.insert(0, str(ROOT))
 
+from bench.common import GFLOP_PER_IMAGE, entry, md_table, write  # noqa: E402 (after the path)
+
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CROP = 224
-GFLOP = {"resnet50_3g": 13.6, "resnet50": 8.2}  # per 224x224 image: 6.8 and 4.1 GMAC
+GFLOP = {"resnet50_3g": GFLOP_PER_IMAGE, "resnet50": 8.2}  # per 224x224 image: 6.8 and 4.1 GMAC
 FLOP_RATIO = GFLOP["resnet50"] / GFLOP["resnet50_3g"]  # 0.6: the throughput ratio to expect at equal efficiency
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class Classifier(nn.Module):
-    """uint8 NHWC images to probabilities, as the served model does (normalization inside)."""
+class _Plain(nn.Module):
+    """torchvision's ResNet-50 as :class:`ServingModel` takes a model: no head stages, no weight map."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.model = model
-        std = torch.tensor(STD).view(1, 3, 1, 1)
-        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
-        self.register_buffer("shift", -torch.tensor(MEAN).view(1, 3, 1, 1) / std, persistent=False)
+        self.net, self.conv1, self.head = net, net.conv1, SimpleNamespace(num_stages=0)
 
-    def forward(self, image: Tensor) -> Tensor:
-        x = image.permute(0, 3, 1, 2).float() * self.scale + self.shift  # NHWC memory: channels-last already
-        return self.model(x).float().softmax(dim=1)
+    def forward_with_weights(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.net(x), None
 
 
 def build(name: str) -> nn.Module:
-    """Random weights: speed does not depend on them."""
+    """The model in the serving wrapper, random weights: speed does not depend on them."""
+    from export.serving_model import ServingModel
+    from threegnet_preprocessing import Preprocessing
+
     torch.manual_seed(0)
     if name == "resnet50_3g":
         from training.model import create_model
@@ -70,8 +69,8 @@ def build(name: str) -> nn.Module:
     else:
         import torchvision
 
-        model = torchvision.models.resnet50(num_classes=1000)
-    return Classifier(model).eval()
+        model = _Plain(torchvision.models.resnet50(num_classes=1000))
+    return ServingModel(model, Preprocessing()).eval()
 
 
 def gpu_info() -> dict[str, Any]:
@@ -137,7 +136,7 @@ def torch_rows(
 
                 def run(model: nn.Module = model, x: Tensor = x, bf16: bool = precision == "bf16") -> Tensor:
                     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-                        return model(x)
+                        return model(x)[0]
 
                 row: dict[str, Any] = {"engine": f"torch_{precision}", "model": name, "batch": batch}
                 try:
@@ -152,42 +151,21 @@ def torch_rows(
 
 
 def _line(rows: list[dict[str, Any]]) -> str:
-    parts = [
-        f"{r['model']} {r['engine']} b{r['batch']}: "
-        + (f"{r['ms']:.2f} ms, {r['images_per_s']:.0f} img/s" if "ms" in r else r.get("error", "?"))
-        for r in rows
-    ]
-    return "  " + " | ".join(parts)
+    def one(r: dict[str, Any]) -> str:
+        timing = f"{r['ms']:.2f} ms, {r['images_per_s']:.0f} img/s" if "ms" in r else r.get("error", "?")
+        return f"{r['model']} {r['engine']} b{r['batch']}: {timing}"
+
+    return "  " + " | ".join(one(r) for r in rows)
 
 
 # -- optional engines: onnxruntime (CUDA, TensorRT) and Triton --------------------------------------------
 
 
-def export_onnx(name: str, model: nn.Module, path: Path) -> Path:
-    """The ONNX the project ships for 3G-Net (``export/onnx_graph.py``); the same exporter settings for
-    ResNet-50 (torch.export, opset 18, dynamic batch)."""
-    model = model.cpu()
-    if name == "resnet50_3g":
-        from export.onnx_graph import export_onnx as project_export
-        from export.serving_model import ServingModel
-        from threegnet_preprocessing import Preprocessing
+def export_onnx(model: nn.Module, path: Path) -> Path:
+    """The exporter the project ships (``export/onnx_graph.py``), for both models."""
+    from export.onnx_graph import export_onnx as project_export
 
-        project_export(ServingModel(model.model, Preprocessing()).eval(), path, CROP)
-        return path
-    example = torch.zeros(2, CROP, CROP, 3, dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad():
-        program = torch.onnx.export(
-            model,
-            (example,),
-            input_names=["image"],
-            output_names=["probabilities"],
-            dynamic_shapes={"image": {0: batch}},
-            opset_version=18,
-            dynamo=True,
-            verbose=False,
-        )
-    program.save(str(path))
+    project_export(model.cpu(), path, CROP)
     return path
 
 
@@ -205,21 +183,19 @@ def ort_rows(
     else:
         notes.append(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: {available}): skipped")
     if "TensorrtExecutionProvider" in available:
+        shapes = {
+            f"trt_profile_{k}_shapes": f"image:{n}x{CROP}x{CROP}x3"
+            for k, n in (("min", 1), ("opt", 32), ("max", max(batches)))
+        }
         trt = {
             "device_id": 0,
             "trt_fp16_enable": True,
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(work / "trt_cache"),
-            "trt_profile_min_shapes": f"image:1x{CROP}x{CROP}x3",
-            "trt_profile_opt_shapes": f"image:32x{CROP}x{CROP}x3",
-            "trt_profile_max_shapes": f"image:{max(batches)}x{CROP}x{CROP}x3",
+            **shapes,
         }
-        providers.append(
-            (
-                "onnxruntime_tensorrt_fp16",
-                [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", {}), "CPUExecutionProvider"],
-            )
-        )
+        chain = [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
+        providers.append(("onnxruntime_tensorrt_fp16", chain))  # fmt: skip
     else:
         notes.append("onnxruntime has no TensorrtExecutionProvider (no TensorRT libraries): TensorRT FP16 skipped")
     rows = []
@@ -279,21 +255,18 @@ def triton_available() -> str | None:
 def triton_rows(onnx_path: Path, deadline: float, notes: list[str], work: Path) -> list[dict[str, Any]]:
     """Closed-loop gRPC clients sending one uint8 image each, through Triton's dynamic batcher."""
     from bench.common import Settings
-    from bench.serving import Requests, closed_loop, make_repository
-    from serve.server import TritonServer, free_port
+    from bench.load import brief
+    from bench.serving import load, make_repository, triton
 
-    settings = Settings(concurrency=(1, 8, 32))
-    repo = make_repository(onnx_path, settings, work / "repository")
+    repo = make_repository(onnx_path, Settings(), work / "repository")
     x = np.random.default_rng(0).integers(0, 256, (16, CROP, CROP, 3), dtype=np.uint8)
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), exit_timeout=3)
     rows = []
-    with server:
-        for concurrency in settings.concurrency:
+    with triton(repo) as server:
+        for concurrency in (1, 8, 32):
             if time.monotonic() > deadline:
                 notes.append(f"time budget spent: Triton stopped before concurrency {concurrency}")
                 break
-            requests = Requests("grpc", "tensor", x, [], server.grpc_url)
-            result = closed_loop(requests, concurrency, seconds=5.0, warmup=2.0)
+            result = brief(load(server, "grpc", "tensor", x, []).closed(concurrency, seconds=5.0, warmup=2.0))
             rows.append({"engine": "triton_grpc_tensor", "model": "resnet50_3g", "concurrency": concurrency, **result})
             print(f"  Triton gRPC, concurrency {concurrency}: {result['images_per_s']:.0f} img/s", flush=True)
     return rows
@@ -321,19 +294,14 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(info: dict[str, Any], table: list[dict[str, Any]], notes: list[str]) -> str:
-    lines = [
-        f"### GPU: {info['gpu']} (torch {info['torch']}, CUDA {info['cuda']})",
-        "",
-        "| engine | batch | ResNet50-3G img/s | ResNet-50 img/s | throughput ratio | FLOP ratio |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['engine']} | {r['batch']} | {r['resnet50_3g_images_per_s']:.0f} | {r['resnet50_images_per_s']:.0f} "
-        f"| {r['throughput_ratio']:.2f} | {r['flop_ratio']:.2f} |"
+    rows = [
+        [r["engine"], r["batch"], f"{r['resnet50_3g_images_per_s']:.0f}", f"{r['resnet50_images_per_s']:.0f}",
+         f"{r['throughput_ratio']:.2f}", f"{r['flop_ratio']:.2f}"]
         for r in table
-    ]
-    lines += ["", *(f"- {n}" for n in notes)]
-    return "\n".join(lines) + "\n"
+    ]  # fmt: skip
+    head = f"### GPU: {info['gpu']} (torch {info['torch']}, CUDA {info['cuda']})\n\n"
+    columns = "engine | batch | ResNet50-3G img/s | ResNet-50 img/s | throughput ratio | FLOP ratio"
+    return head + md_table(columns, rows) + "\n\n" + "".join(f"- {n}\n" for n in notes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()):
                 try:
-                    onnx_paths = {name: export_onnx(name, m, work / f"{name}.onnx") for name, m in models.items()}
+                    onnx_paths = {name: export_onnx(m, work / f"{name}.onnx") for name, m in models.items()}
                 except Exception as e:  # onnx/onnxscript missing or an exporter problem: say so
                     notes.append(f"ONNX export failed ({type(e).__name__}: {e}): onnxruntime skipped")
             rows += ort_rows(onnx_paths, batches, deadline, notes, work) if onnx_paths else []
@@ -394,17 +362,13 @@ def main(argv: list[str] | None = None) -> int:
 
     table = ratios(rows)
     info["seconds"] = round(time.monotonic() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "flop_ratio": FLOP_RATIO, "gflop_per_image": GFLOP, "ratios": table, "rows": rows}
-    (args.out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(info, table, notes)
-    (args.out / "gpu.md").write_text(text)
+    write(args.out, "gpu", result, text)
     print(text)
     print(f"wrote {args.out / 'gpu.json'} and gpu.md in {info['seconds']:.0f} s")
     return 0
 
 
 if __name__ == "__main__":
-    from bench.common import entry
-
     entry(main)

@@ -1,32 +1,30 @@
 """Low precision on the CPU: INT8 (onnxruntime, the export's ``--precision int8``) and bf16
 (PyTorch autocast) against fp32: throughput and top-1 agreement on held-out built-in images.
 
-Agreement is only informative on a model whose logits mean something (a random model's
-probabilities are near-uniform, and any perturbation reorders them), so the model here
-is trained, cheaply and honestly:
+Agreement only means something on a model whose logits do (a random model's probabilities are
+near-uniform, and any perturbation reorders them), so the model here is trained, cheaply:
 
-1. ResNet50-3G with 1000 classes (the shipped shape: the fc's 32.9 M weights are part of
-   the cost), random backbone weights;
-2. each residual branch's last BatchNorm scale set to 0.2 (a SkipInit-style start, like
-   torchvision's ``zero_init_residual`` but not zero, so every convolution still counts):
-   with the default scale of 1, sixteen random residual branches bury the texture
-   signal, and a head trained on those features stays at chance on held-out images
-   (measured: 100% train, 16-20% held-out accuracy; with 0.2: 84% held-out);
-3. the backbone's BatchNorm statistics re-estimated on training images (left at their
-   defaults, a random 50-layer ResNet's activations drift far from unit scale, which
-   no real checkpoint has and which would flatter or wreck INT8 calibration);
-4. the head (reduce conv, re-weighting stages) and fc trained on the backbone's cached
-   features of the built-in texture images (``training/synthetic.py``: 8 classes),
-   cross-entropy over all 1000 outputs, 6 epochs of AdamW;
-5. exported exactly as ``export/to_onnx.py`` does; INT8 calibrated on training images;
-   agreement measured on the held-out validation images, which no step above saw.
+1. ResNet50-3G with 1000 classes (the shipped shape: the fc's weights are part of the cost),
+   random backbone weights;
+2. each residual branch's last BatchNorm scale set to 0.2 (SkipInit-style, not zero, so every
+   convolution still counts): at 1, sixteen random residual branches bury the texture signal and a
+   head trained on them stays at chance on held-out images;
+3. the backbone's BatchNorm statistics re-estimated on training images (left at their defaults, the
+   activations drift far from unit scale, which no real checkpoint has and which would skew INT8
+   calibration);
+4. the head and fc trained on the backbone's cached features of the built-in textures
+   (``training/synthetic.py``), cross-entropy over all 1000 outputs, a few epochs of AdamW;
+5. exported exactly as ``export/to_onnx.py`` does, INT8 calibrated on training images, agreement
+   measured on held-out images no step above saw.
+
+Where the INT8 flips come from (one module at a time, other bit widths) is a study:
+``python -m bench.studies.int8``.
 
     .venv/bin/python bench/low_precision.py [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -57,8 +55,8 @@ SPEED_REFERENCE = {
     "onnxruntime_int8_early_fp32": "onnxruntime_fp32",
     "eager_bf16": "eager_fp32",
 }
-# 8 classes: 2048 held-out images (issue 14 asks >= 512). On 512 a recipe's near-tie flips (4-9) were too
-# few to rank recipes by, and a flip the export's gate refuses (fp32 margin >= 0.1) showed up once in 2048.
+# 8 classes: 2048 held-out images. On 512 a recipe's few near-tie flips were too few to rank recipes by, and
+# a flip the export's gate refuses (fp32 margin >= 0.1) is rarer still (docs/performance.md).
 HELD_OUT_PER_CLASS = 256
 RECALIBRATION_IMAGES = 32
 
@@ -93,9 +91,8 @@ def built_in_data(settings: Settings, root: Path) -> tuple[np.ndarray, np.ndarra
 def train_head(settings: Settings, x: np.ndarray, y: np.ndarray, epochs: int) -> tuple[Any, dict[str, Any]]:
     """Steps 1-4 of the module docstring; returns the serving model (eval mode) and a log.
 
-    Runs on one thread: PyTorch's OpenMP team loses whole time slices at its barriers when
-    other processes share the two cores (measured: a training step took 1.2-6 s on two
-    threads and 0.6 s on one under load); this is preparation, not a measurement.
+    Runs on one thread: PyTorch's OpenMP team loses whole time slices at its barriers when other
+    processes share the cores, and this is preparation, not a measurement.
     """
     import torch
     from torch import nn
@@ -187,18 +184,11 @@ def predictions(worker: Worker, x: np.ndarray) -> np.ndarray:
     return np.concatenate([worker.run(x[i : i + CHUNK])[1] for i in range(0, len(x), CHUNK)])
 
 
-def run(
-    settings: Settings, work: Path, with_sensitivity: bool = False, with_bit_widths: bool = False
-) -> tuple[dict[str, Any], str]:
+def run(settings: Settings, work: Path, keep: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """The table; ``keep`` (for the INT8 study) receives the models, images and probabilities it used."""
     import torch
 
-    from export.precision import (
-        CALIBRATION_IMAGES,
-        CALIBRATION_OPTIONS,
-        EARLY_FP32_MODULES,
-        FP32_MODULES,
-        quantize_int8,
-    )
+    from export import precision
 
     with stage("built-in data"):
         train_x, train_y, val_x, val_y, names = built_in_data(settings, work / "data")
@@ -211,13 +201,13 @@ def run(
         del serving
         int8 = work / "int8.onnx"
         # As many training images as the export reads from its calibration folder by default.
-        calibration = train_x[:: max(1, len(train_x) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
+        calibration = train_x[:: max(1, len(train_x) // precision.CALIBRATION_IMAGES)][: precision.CALIBRATION_IMAGES]
         started = time.perf_counter()
-        quantize_int8(fp32, int8, calibration, work)  # the export's recipe
+        precision.quantize_int8(fp32, int8, calibration, work)  # the export's recipe
         quantize_s = time.perf_counter() - started
         # The same with the first layers (conv1, layer1) in fp32 too: where most flips come from, at a price.
         int8_early = work / "int8_early_fp32.onnx"
-        quantize_int8(fp32, int8_early, calibration, work, fp32_modules=EARLY_FP32_MODULES)
+        precision.quantize_int8(fp32, int8_early, calibration, work, fp32_modules=precision.EARLY_FP32_MODULES)
 
     batch = 8 if not settings.quick else 4
     engines = {
@@ -240,11 +230,7 @@ def run(
             w.close()
 
     top1 = {name: p.argmax(1) for name, p in probs.items()}
-    pairs = {
-        "onnxruntime_int8": "onnxruntime_fp32",
-        "onnxruntime_int8_early_fp32": "onnxruntime_fp32",
-        "eager_bf16": "onnxruntime_fp32",
-    }
+    pairs = dict.fromkeys(("onnxruntime_int8", "onnxruntime_int8_early_fp32", "eager_bf16"), "onnxruntime_fp32")
     rows, table = [], []
     for name in engines:
         ref = pairs.get(name)
@@ -263,61 +249,38 @@ def run(
             "series": series[name].to_dict(),
         }
         rows.append(row)
+        confident = row.get("top1_agreement_margin_at_least_0.1")
         table.append(
-            [
-                name.replace("_", " "),
-                f"{row['ms_per_batch']:.0f}",
-                f"{row['images_per_s']:.1f}",
-                SPEED_REFERENCE.get(name, "").replace("_", " "),
-                f"{row['speedup_vs_reference']:.2f}x" if name in SPEED_REFERENCE else "",
-                f"{row['speedup_vs_onnxruntime_fp32']:.2f}x",
-                f"{100 * row['top1_agreement']:.1f}%" if ref else "",
-                f"{row['max_abs_diff_probability']:.2g}" if ref else "",
-                (", ".join(f"{m:.2f}" for m in row["reference_margins_where_they_disagree"]) or "none" if ref else ""),
-                f"{100 * row['top1_agreement_margin_at_least_0.1']:.1f}%"
-                if ref and row["top1_agreement_margin_at_least_0.1"] is not None
-                else "",
-                f"{100 * row['accuracy']:.0f}%" if row["accuracy"] is not None else "",
-            ]
-        )
+            [name.replace("_", " "), f"{row['ms_per_batch']:.0f}", f"{row['images_per_s']:.1f}",
+             SPEED_REFERENCE.get(name, "").replace("_", " "),
+             f"{row['speedup_vs_reference']:.2f}x" if name in SPEED_REFERENCE else "",
+             f"{row['speedup_vs_onnxruntime_fp32']:.2f}x", f"{100 * row['top1_agreement']:.1f}%" if ref else "",
+             f"{row['max_abs_diff_probability']:.2g}" if ref else "",
+             (", ".join(f"{m:.2f}" for m in row["reference_margins_where_they_disagree"]) or "none") if ref else "",
+             f"{100 * confident:.1f}%" if confident is not None else "",
+             f"{100 * row['accuracy']:.0f}%" if row["accuracy"] is not None else ""]
+        )  # fmt: skip
     by = {r["engine"]: r for r in rows}
+    q8, early, bf16 = by["onnxruntime_int8"], by["onnxruntime_int8_early_fp32"], by["eager_bf16"]
     data = {
-        "arch": settings.arch,
-        "crop": settings.crop,
-        "num_classes": settings.num_classes,
-        "classes_used": names,
-        "batch": batch,
-        "held_out_images": len(val_x),
-        "calibration_images": len(calibration),
-        "quantize_seconds": quantize_s,
-        "training": training,
-        "int8_speedup": by["onnxruntime_int8"]["speedup_vs_reference"],
-        "int8_top1_agreement": by["onnxruntime_int8"]["top1_agreement"],
-        "int8_accuracy_ratio": by["onnxruntime_int8"]["accuracy"] / by["onnxruntime_fp32"]["accuracy"],
-        "int8_confident_agreement": by["onnxruntime_int8"]["top1_agreement_margin_at_least_0.1"],
-        "int8_early_fp32_top1_agreement": by["onnxruntime_int8_early_fp32"]["top1_agreement"],
-        "int8_early_fp32_speedup": by["onnxruntime_int8_early_fp32"]["speedup_vs_reference"],
-        "bf16_speedup_vs_eager_fp32": by["eager_bf16"]["speedup_vs_reference"],
-        "bf16_top1_agreement": by["eager_bf16"]["top1_agreement"],
+        "arch": settings.arch, "crop": settings.crop, "num_classes": settings.num_classes, "classes_used": names,
+        "batch": batch, "held_out_images": len(val_x), "calibration_images": len(calibration),
+        "quantize_seconds": quantize_s, "training": training,
+        "int8_speedup": q8["speedup_vs_reference"], "int8_top1_agreement": q8["top1_agreement"],
+        "int8_accuracy_ratio": q8["accuracy"] / by["onnxruntime_fp32"]["accuracy"],
+        "int8_confident_agreement": q8["top1_agreement_margin_at_least_0.1"],
+        "int8_early_fp32_top1_agreement": early["top1_agreement"],
+        "int8_early_fp32_speedup": early["speedup_vs_reference"],
+        "bf16_speedup_vs_eager_fp32": bf16["speedup_vs_reference"], "bf16_top1_agreement": bf16["top1_agreement"],
         "rows": rows,
-    }
+    }  # fmt: skip
     final = training["history"][-1]
     markdown = (
         f"### Low precision on the CPU ({settings.arch}, {settings.crop}x{settings.crop}, batch {batch})\n\n"
         + md_table(
-            [
-                "engine",
-                "ms / batch",
-                "img/s",
-                "speed compared with",
-                "speed-up",
-                "vs ONNX fp32",
-                "top-1 agreement with ONNX fp32",
-                "max |Δp|",
-                "fp32 margins where top-1 differs",
-                "agreement where fp32 margin ≥ 0.1",
-                "held-out accuracy",
-            ],
+            "engine | ms / batch | img/s | speed compared with | speed-up | vs ONNX fp32 | top-1 agreement with "
+            "ONNX fp32 | max |Δp| | fp32 margins where top-1 differs | agreement where fp32 margin ≥ 0.1 | "
+            "held-out accuracy",
             table,
         )
         + f"\n\nAgreement and accuracy on {len(val_x)} held-out built-in images ({len(names)} texture classes; "
@@ -325,103 +288,22 @@ def run(
         f"branches scaled by {RESIDUAL_SCALE}) with re-estimated BatchNorm statistics, head + fc trained for "
         f"{training['epochs']} epochs on {training['trained_on']} "
         f"images (final train accuracy {100 * final['train_accuracy']:.0f}%). INT8 = `export/precision.py`'s "
-        f"recipe, what `--precision int8` exports (static QDQ, U8 activations, per-channel S8 weights; in fp32: "
-        f"the second-order nodes, softmax, input normalization and {', '.join(FP32_MODULES)}; calibration "
-        f"{CALIBRATION_OPTIONS}), calibrated on {len(calibration)} training images; `int8 early fp32` is the "
-        f"same with {', '.join(EARLY_FP32_MODULES)} in fp32 (conv1 is fused with bn1 and named after it). "
+        "recipe, what `--precision int8` exports (static QDQ, U8 activations, per-channel S8 weights; in fp32: "
+        f"the second-order nodes, softmax, input normalization and {', '.join(precision.FP32_MODULES)}; "
+        f"calibration {precision.CALIBRATION_OPTIONS}), calibrated on {len(calibration)} training images; "
+        f"`int8 early fp32` is the same with {', '.join(precision.EARLY_FP32_MODULES)} in fp32 (conv1 is fused "
+        "with bn1 and named after it). "
         "bf16 = PyTorch `torch.autocast('cpu', torch.bfloat16)` "
         "(the head's covariance and Newton-Schulz stay fp32); onnxruntime has no bf16 path for x86 CPUs. "
         f"Medians of {settings.rounds} alternating rounds, each engine in its own process.\n"
     )
-    if with_sensitivity:
-        data["sensitivity"], more = sensitivity(fp32, calibration, val_x, work)
-        markdown += "\n" + more + "\n"
-    if with_bit_widths:
-        from bench.bit_widths import study
-
-        # quantize_int8 left the fp32 model it quantized (the same for both recipes) in the work folder.
-        compare = {
-            "bf16 autocast (PyTorch)": probs["eager_bf16"],
-            "the INT8 model (onnxruntime kernels)": probs["onnxruntime_int8"],
-        }
-        data["bit_widths"], more = study(
-            int8, work / "int8_prepared.onnx", val_x, probs["onnxruntime_fp32"], work, compare
-        )
-        markdown += "\n" + more + "\n"
+    if keep is not None:
+        keep.update(fp32=fp32, int8=int8, calibration=calibration, val_x=val_x, probs=probs)
     return data, markdown
 
 
-def sensitivity(fp32: Path, calibration: np.ndarray, val_x: np.ndarray, work: Path) -> tuple[list[dict], str]:
-    """Where the flips come from: one module group at a time quantized (the rest fp32), its top-1
-    changes and largest probability change against fp32 on the held-out images."""
-    import onnx
-
-    from export.precision import _module_path, quantize_int8
-    from export.verify import probabilities
-
-    graph = onnx.load(str(fp32), load_external_data=False).graph
-    # The modules below the model (conv1, layer1-4, fc) and the head's sub-modules (its reduce conv and
-    # re-weighting stages; its own second-order ops are never quantized), each counted by its nodes.
-    groups: dict[str, int] = {}
-    weighted: set[str] = set()
-    for node in graph.node:
-        path = _module_path(node)
-        if len(path) > 2 and path[1] == "model.head" and path[2].startswith("model.head."):
-            if path[2] == "model.head.vectorize":  # second-order: never quantized
-                continue
-            group = path[2]
-        elif len(path) > 1 and path[1].startswith("model.") and path[1] != "model.head":
-            group = path[1]
-        else:
-            continue
-        groups[group] = groups.get(group, 0) + 1
-        if node.op_type in ("Conv", "Gemm", "MatMul"):
-            weighted.add(group)
-    groups = {g: n for g, n in groups.items() if g in weighted}  # a ReLU or a pool alone quantizes nothing
-    reference = probabilities(fp32, val_x)
-    top2 = np.sort(reference, axis=1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
-    rows = []
-    for group, count in groups.items():
-        out = work / f"only_{group}.onnx"
-        with stage(f"sensitivity: only {group} quantized ({count} nodes)"):
-            keep = tuple(g for g in groups if g != group)
-            quantize_int8(fp32, out, calibration, work, fp32_modules=keep, calibration_options={})
-            probs = probabilities(out, val_x)
-        differ = probs.argmax(1) != reference.argmax(1)
-        rows.append(
-            {
-                "group": group,
-                "nodes": count,
-                "top1_changes": int(differ.sum()),
-                "max_abs_diff_probability": float(np.abs(probs - reference).max()),
-                "fp32_margins_where_changed": [round(float(m), 3) for m in margin[differ]],
-            }
-        )
-        row = rows[-1]
-        log(f"   {group}: {row['top1_changes']} top-1 changes, max |Δp| {row['max_abs_diff_probability']:.3g}")
-    table = [
-        [r["group"], r["nodes"], r["top1_changes"], f"{r['max_abs_diff_probability']:.3g}",
-         ", ".join(f"{m:.3f}" for m in r["fp32_margins_where_changed"]) or "none"]
-        for r in rows
-    ]  # fmt: skip
-    markdown = "### INT8 sensitivity: one module quantized at a time\n\n" + md_table(
-        ["module", "nodes", "top-1 changes vs fp32", "max |Δp|", "fp32 margins where changed"], table
-    )
-    return rows, markdown
-
-
 def main() -> int:
-    def flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--sensitivity", action="store_true", help="also quantize one module at a time (slow)")
-        p.add_argument(
-            "--bit-widths", action="store_true", help="also re-run the INT8 graph at other bit widths (slow)"
-        )
-
-    def part(settings: Settings, work: Path, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-        return run(settings, work, args.sensitivity, args.bit_widths)
-
-    return run_part("low_precision", __doc__, part, flags)
+    return run_part("low_precision", __doc__, run)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 For each batch size, three things are timed in alternating rounds: a large fp32
 matrix multiply (the machine's practical fp32 peak, through onnxruntime's MLAS and
 torch.mm), the project's model in PyTorch eager, and the exported ONNX model in
-onnxruntime. The model's achieved GFLOP/s (13.6 GFLOP per 224x224 image, DESIGN §1)
-is reported as a fraction of the peak measured in those same rounds.
+onnxruntime. The model's achieved GFLOP/s (``GFLOP_PER_IMAGE`` at 224x224, torch's FLOP counter
+elsewhere) is reported as a fraction of the peak measured in those same rounds.
 
     .venv/bin/python bench/model_speed.py [--quick]
 """
@@ -93,7 +93,7 @@ def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
 
     serving, _ = build_serving(settings)
     counted = count_gflop(serving, settings.crop)
-    # DESIGN's round figure for the real model; the counter's figure for the quick run's small one.
+    # The documented round figure for the real model; the counter's figure for the quick run's small one.
     gflop = GFLOP_PER_IMAGE if (settings.arch, settings.crop) == ("resnet50_3g", 224) else counted
     path = export(serving, work / "model.onnx", settings.crop)
     del serving
@@ -139,18 +139,12 @@ def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
             }
             rows.append(row)
             table.append(
-                [
-                    batch,
-                    f"{row['eager_ms']:.0f}",
-                    f"{row['onnxruntime_ms']:.0f}",
-                    f"{row['onnx_speedup_vs_eager']:.2f}x",
-                    f"{row['onnxruntime_images_per_s']:.1f}",
-                    f"{ort_gflops:.0f}",
-                    f"{row['sgemm_onnxruntime_gflops']:.0f} / {row['sgemm_torch_gflops']:.0f}",
-                    f"{100 * row['onnxruntime_fraction_of_peak']:.0f}%",
-                    f"{100 * row['onnxruntime_fraction_of_peak_best']:.0f}%",
-                ]
-            )
+                [batch, f"{row['eager_ms']:.0f}", f"{row['onnxruntime_ms']:.0f}",
+                 f"{row['onnx_speedup_vs_eager']:.2f}x", f"{row['onnxruntime_images_per_s']:.1f}", f"{ort_gflops:.0f}",
+                 f"{row['sgemm_onnxruntime_gflops']:.0f} / {row['sgemm_torch_gflops']:.0f}",
+                 f"{100 * row['onnxruntime_fraction_of_peak']:.0f}%",
+                 f"{100 * row['onnxruntime_fraction_of_peak_best']:.0f}%"]
+            )  # fmt: skip
             log(f"   batch {batch}: {table[-1]}")
     data = {
         "arch": settings.arch,
@@ -165,17 +159,8 @@ def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
         "### Model speed: PyTorch eager vs ONNX in onnxruntime "
         f"({settings.arch}, {settings.crop}x{settings.crop}, fp32)\n\n"
         + md_table(
-            [
-                "batch",
-                "eager ms",
-                "ONNX ms",
-                "ONNX vs eager",
-                "ONNX img/s",
-                "ONNX GFLOP/s",
-                f"sgemm {n}³ GFLOP/s (MLAS / torch.mm)",
-                "ONNX % of peak (medians)",
-                "(best runs)",
-            ],
+            f"batch | eager ms | ONNX ms | ONNX vs eager | ONNX img/s | ONNX GFLOP/s | sgemm {n}³ GFLOP/s (MLAS / "
+            "torch.mm) | ONNX % of peak (medians) | (best runs)",
             table,
         )
         + f"\n\nMedians of {settings.rounds} alternating rounds (fewer at batch 32), each engine in its own "

@@ -1,19 +1,11 @@
 """Realistic payloads: what cameras and screenshots make, sent as bytes, against the tensor path.
 
-One Triton server (the shipped repository settings, ``--preprocess-instances`` aside), gRPC,
-closed loop at concurrency 4. Rows, each measured in alternating windows with the raw-tensor
-model (``threegnet``: the client sends preprocessed uint8 crops, the server only runs the
-model) so that both see the same machine:
-
-- a 12 MP phone photo (4032 x 3024 JPEG, ``bench/decoding.py``'s camera photos),
-- the same photo as HEIC (what iPhones save),
-- a 3 MP PNG (2048 x 1536),
-- a 256 px JPEG (what the other benchmarks send).
-
-The bytes rows go to the ensemble ``threegnet_image``: the server decodes, resizes and crops
-(``threegnet_preprocessing``, the fast path) before the same model. ``--instances N ...``
-repeats the run for each preprocessing instance count: the measurement behind
-``PREPROCESS_INSTANCES`` in ``export/triton_config.py``.
+One Triton server (the shipped settings, ``--instances`` aside), gRPC, closed loop at concurrency 4.
+Each payload (a 12 MP phone JPEG, the same photo as HEIC, a 3 MP PNG, a 256 px JPEG) goes as bytes to
+the ensemble ``threegnet_image`` (decode, resize and crop in the server), in windows alternating with
+the raw-tensor model ``threegnet`` fed the same photos preprocessed on the client, so both see the
+same machine. ``--instances N ...`` repeats it per preprocessing instance count: the measurement
+behind ``PREPROCESS_INSTANCES`` in ``export/triton_config.py``.
 
     .venv/bin/python bench/payloads.py [--quick] [--instances 1 2 4]
 """
@@ -23,22 +15,51 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import Settings, build_serving, entry, export, log, md_table, run_part, stage
-from bench.decoding import camera_photos
-from bench.serving import Requests, closed_loop, make_repository
+from bench.common import Settings, entry, fp32_onnx, log, md_table, num, run_part, stage
+from bench.load import brief, combine
+from bench.serving import load, make_repository, triton
 
 CONCURRENCY = 4
 PHOTOS = 4  # distinct files per payload kind (the client cycles through them)
 WINDOWS = 3  # tensor / bytes alternations per payload
+CAMERA = (4032, 3024)  # a 12 MP phone photo, landscape
+NOISE_SIGMA = 4.7  # sensor noise in 8-bit levels: the full-size detail decoders shrink differently
+QUALITY = 92
+
+
+def camera_photos(
+    classes: int, per_class: int, render_size: int, seed: int = 7, shot: int = 0
+) -> Iterator[tuple[bytes, int]]:
+    """(JPEG bytes, label) of held-out-style built-in textures rendered at ``render_size`` (a texture's
+    scale depends on it), upscaled, mirrored out to 12 MP, with sensor noise; labels index
+    ``training.synthetic.CLASSES``. Another ``shot`` photographs the same scenes: only the noise differs."""
+    from PIL import Image
+
+    from training.synthetic import CLASSES, image_rng, render
+
+    w, h = CAMERA
+    noise = np.random.default_rng([seed, shot] if shot else seed).normal(0, NOISE_SIGMA, (h, w, 3))
+    noise = noise.astype(np.float32)
+    for i in range(per_class):
+        for label in range(classes):
+            rng = image_rng(seed, "val", label, i)
+            square = Image.fromarray(render(CLASSES[label], render_size, rng)).resize((h, h), Image.Resampling.BICUBIC)
+            pad = (w - h) // 2
+            pixels = np.pad(np.asarray(square, dtype=np.float32), ((0, 0), (pad, w - h - pad), (0, 0)), "reflect")
+            pixels = np.clip(pixels + np.roll(noise, i * 97, axis=1), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="JPEG", quality=QUALITY)
+            yield buf.getvalue(), label
 
 
 def payloads(settings: Settings) -> dict[str, list[bytes]]:
-    """Encoded files of each kind, and the tensor path's crops come from the same photos."""
+    """Encoded files of each kind, all made from the same photos."""
     import pillow_heif
     from PIL import Image
 
@@ -68,41 +89,40 @@ def window_seconds(settings: Settings) -> tuple[float, float]:
 def measure(
     settings: Settings, work: Path, onnx_path: Path, files: dict[str, list[bytes]], instances: int
 ) -> list[dict[str, Any]]:
-    from serve.server import TritonServer, free_port
     from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
     pp = Preprocessing(resize=settings.resize, crop=settings.crop)
     tensors = np.stack([load_and_preprocess(data, pp) for data in files["12 MP JPEG"]])
-    # No queue timeout: a 12 MP HEIC takes ~0.5 s to decode, and this measures throughput, not admission
-    # control (with the shipped 1.5 s timeout, one preprocessing instance refused some HEIC requests).
+    # No queue timeout: a 12 MP HEIC takes about half a second to decode, and this measures throughput,
+    # not admission control (with the shipped timeout, one preprocessing instance refused some HEIC requests).
     overrides = {"preprocess_instances": instances, "queue_timeout_ms": 0}
     repo = make_repository(onnx_path, settings, work / f"payloads-{instances}", overrides)
     seconds, warmup = window_seconds(settings)
     rows = []
-    with TritonServer(
-        repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), exit_timeout=3
-    ) as server:
-        tensor = Requests("grpc", "tensor", tensors, [], server.grpc_url)
+    with triton(repo) as server:
+        pid = server.process.pid
         for kind, blobs in files.items():
-            sent = Requests("grpc", "bytes", tensors, blobs, server.grpc_url)
+            paths = {
+                "tensor": load(server, "grpc", "tensor", tensors, []),
+                "bytes": load(server, "grpc", "bytes", [], blobs),
+            }
             windows: dict[str, list[dict[str, Any]]] = {"tensor": [], "bytes": []}
             with stage(f"{instances} preprocessing instance(s): {kind} bytes vs tensors, concurrency {CONCURRENCY}"):
                 for _ in range(WINDOWS):
-                    for path, requests in (("tensor", tensor), ("bytes", sent)):
-                        windows[path].append(
-                            closed_loop(requests, CONCURRENCY, seconds / WINDOWS, warmup, server.process.pid)
-                        )
+                    for path, requests in paths.items():
+                        windows[path].append(requests.closed(CONCURRENCY, seconds / WINDOWS, warmup, pid))
             row: dict[str, Any] = {
                 "preprocess_instances": instances,
                 "payload": kind,
                 "median_bytes": float(np.median([len(b) for b in blobs])),
-                "p50_ms": windows["bytes"][-1]["p50_ms"],
             }
             for path, results in windows.items():
-                images = sum(r["requests"] for r in results)
+                pooled = combine(results)
+                row[path] = brief(pooled)
                 row[f"{path}_images_per_s"] = float(np.mean([r["images_per_s"] for r in results]))
                 for side in ("server", "client"):
-                    row[f"{path}_{side}_cpu_ms"] = 1e3 * sum(r["window_cpu_s"][side] for r in results) / max(1, images)
+                    row[f"{path}_{side}_cpu_ms"] = 1e3 * pooled["window_cpu_s"][side] / max(1, pooled["requests"])
+            row["p50_ms"] = row["bytes"]["p50_ms"]
             row["bytes_vs_tensor"] = row["bytes_images_per_s"] / row["tensor_images_per_s"]
             row["cpu_ratio"] = cpu_ms(row, "tensor") / cpu_ms(row, "bytes")
             log(
@@ -129,58 +149,36 @@ def run(
 ) -> tuple[dict[str, Any], str]:
     from export.triton_config import PREPROCESS_INSTANCES
 
-    if onnx_path is None:
-        serving, _ = build_serving(settings)
-        onnx_path = export(serving, work / "model.onnx", settings.crop)
-        del serving
+    onnx_path = fp32_onnx(settings, work, onnx_path)
     with stage("building the payloads (12 MP JPEG and HEIC, 3 MP PNG, 256 px JPEG)"):
         files = payloads(settings)
     counts = instances or (PREPROCESS_INSTANCES,)
     rows = [r for n in counts for r in measure(settings, work, onnx_path, files, n)]
     table = [
-        [
-            r["preprocess_instances"],
-            r["payload"],
-            f"{r['median_bytes'] / 1e6:.2f}",
-            f"{r['bytes_images_per_s']:.2f}",
-            f"{r['tensor_images_per_s']:.2f}",
-            f"{r['bytes_vs_tensor']:.2f}x",
-            f"{r['tensor_server_cpu_ms']:.0f} + {r['tensor_client_cpu_ms']:.0f}",
-            f"{r['bytes_server_cpu_ms']:.0f} + {r['bytes_client_cpu_ms']:.0f}",
-            f"{r['cpu_ratio']:.2f}",
-            f"{cores_busy(r, 'tensor'):.2f} / {cores_busy(r, 'bytes'):.2f}",
-            f"{r['p50_ms']:.0f}",
-        ]
+        [r["preprocess_instances"], r["payload"], f"{r['median_bytes'] / 1e6:.2f}", f"{r['bytes_images_per_s']:.2f}",
+         f"{r['tensor_images_per_s']:.2f}", f"{r['bytes_vs_tensor']:.2f}x",
+         f"{r['tensor_server_cpu_ms']:.0f} + {r['tensor_client_cpu_ms']:.0f}",
+         f"{r['bytes_server_cpu_ms']:.0f} + {r['bytes_client_cpu_ms']:.0f}", f"{r['cpu_ratio']:.2f}",
+         f"{cores_busy(r, 'tensor'):.2f} / {cores_busy(r, 'bytes'):.2f}", num(r["p50_ms"])]
         for r in rows
-    ]
+    ]  # fmt: skip
     markdown = (
         f"### Realistic payloads: bytes vs tensors ({settings.arch}, {settings.crop}x{settings.crop}, gRPC, "
         f"concurrency {CONCURRENCY})\n\n"
         + md_table(
-            [
-                "preprocessing instances",
-                "payload",
-                "MB",
-                "bytes img/s",
-                "tensor img/s (alternating)",
-                "bytes / tensor",
-                "CPU ms per image, tensor: server + client",
-                "bytes: server + client",
-                "CPU tensor / bytes",
-                "cores busy, tensor / bytes",
-                "bytes p50 ms",
-            ],
+            "preprocessing instances | payload | MB | bytes img/s | tensor img/s (alternating) | bytes / tensor | "
+            "CPU ms per image, tensor: server + client | bytes: server + client | CPU tensor / bytes | "
+            "cores busy, tensor / bytes | bytes p50 ms",
             table,
         )
         + f"\n\nEach row: {WINDOWS} windows of the tensor path and {WINDOWS} of the bytes path in turn, "
         f"{window_seconds(settings)[0] / WINDOWS:.1f} s each after warm-up, {len(files['12 MP JPEG'])} distinct "
-        "files per kind. The tensor path sends "
-        "the same photos preprocessed on the client (uint8 crops); the bytes path sends the files to "
-        "`threegnet_image`, which decodes them in the preprocessing model. CPU: user + system time of "
-        "the Triton process with its backend stubs and of the load generator (client and server share "
-        "the cores here) during the measured windows, per image answered; cores busy = CPU per image x "
-        "images/s. When both paths keep every core busy, their throughput ratio is the CPU ratio; where the "
-        "tensor path leaves cores idle (waiting on the batcher), the bytes path's decoding fills that time "
+        "files per kind. The tensor path sends the same photos preprocessed on the client (uint8 crops); the "
+        "bytes path sends the files to `threegnet_image`, which decodes them in the preprocessing model. CPU: "
+        "user + system time of the Triton process with its backend stubs and of the load generator (client and "
+        "server share the cores here) during the measured windows, per image answered; cores busy = CPU per "
+        "image x images/s. When both paths keep every core busy, their throughput ratio is the CPU ratio; where "
+        "the tensor path leaves cores idle (waiting on the batcher), the bytes path's decoding fills that time "
         "and the ratio rises above it.\n"
     )
     shipped = [r for r in rows if r["preprocess_instances"] == counts[0]]

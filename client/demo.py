@@ -38,6 +38,8 @@ from client.inference import (
     ClientError,
     ModelInfo,
     TritonClassifier,
+    add_connection_args,
+    connection_from_args,
 )
 from threegnet_preprocessing import IMAGE_SUFFIXES, ImageError, load_and_preprocess
 
@@ -115,16 +117,20 @@ class Demo:
 
     @staticmethod
     def _overlay(data: bytes, info: ModelInfo, weights: np.ndarray) -> tuple[Image.Image | None, str]:
+        """The weight map over the crop the model saw, made here from the model's preprocessing record; a
+        server that keeps its configs private (locked) gets the map alone, over grey."""
         h, w = weights.shape
         spread = "flat: no region preferred" if is_flat(weights) else "dark to bright"
         note = f"re-weighting map {h}x{w}, weights {weights.min():.3f} to {weights.max():.3f} ({spread})"
+        crop = np.full((info.input_size, info.input_size, 3), 128, dtype=np.uint8)
         if info.preprocessing is None:
-            return None, note
-        try:
-            crop = load_and_preprocess(data, info.preprocessing)
-        except ImageError:  # the server decoded it; a local decoder without that codec may not
-            return None, note
-        scale = max(1, -(-DISPLAY_SIZE // info.preprocessing.crop))  # whole pixels: the crop as the model saw it
+            note += "; the server keeps its preprocessing private: the map alone"
+        else:
+            try:
+                crop = load_and_preprocess(data, info.preprocessing)
+            except ImageError:  # the server decoded it; a local decoder without that codec may not
+                return None, note
+        scale = max(1, -(-DISPLAY_SIZE // crop.shape[0]))  # whole pixels: the crop as the model saw it
         picture = overlay(crop, weights)
         return picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST), note
 
@@ -195,6 +201,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--concurrency", type=int, default=2, help="requests to Triton at once (default 2)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for Triton (default 30)")
+    p.add_argument(
+        "--resize",
+        type=int,
+        help="for the weight map over the crop, when the server keeps its preprocessing record private: "
+        "the shorter side before the centre crop",
+    )
+    add_connection_args(p)
     args = p.parse_args(argv)
     if args.concurrency < 1 or args.timeout <= 0:
         p.error("--concurrency must be >= 1 and --timeout > 0")
@@ -208,7 +221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     folder = args.examples or DEFAULT_EXAMPLES
     examples = find_examples(folder)
-    classifier = TritonClassifier(args.url, args.protocol, args.model, timeout=args.timeout)
+    try:
+        connection = connection_from_args(args)
+    except ClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    classifier = TritonClassifier(
+        args.url, args.protocol, args.model, timeout=args.timeout, resize=args.resize, **connection
+    )
     print(f"demo backed by Triton at {classifier.where}, {len(examples)} example image(s)", file=sys.stderr)
     if args.share:
         print("--share: the page will be reachable by anyone with the link", file=sys.stderr)

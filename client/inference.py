@@ -7,18 +7,25 @@ raw-tensor model from each other's config ``parameters`` (``image_model`` /
 answers through Triton's classification extension, the optional ``weight_map``
 output, retries with backoff and jitter on what passes (a connection error, a
 server refusing work because its queue is full, a model being reloaded), timeouts,
-and four errors a user can act on: :class:`ServerUnreachable`,
-:class:`ModelUnavailable`, :class:`ServerOverloaded` and :class:`RequestFailed`.
+TLS and keys, and five errors a user can act on: :class:`ServerUnreachable`,
+:class:`ModelUnavailable`, :class:`ServerOverloaded`, :class:`AccessDenied` and
+:class:`RequestFailed`.
+
+A locked server (the launcher's default, docs/security.md) keeps model configs and its
+repository index to its operators: the client then describes the model from what stays
+open, its metadata and readiness, and the export's naming (``NAME`` and ``NAME_image``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -26,6 +33,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from serve.control import INFERENCE_KEY_HEADER, ControlKeyError, grpc_headers, http_headers, read_key
+from serve.endpoints import CLASSIFIER_SUFFIX, CONTROL_KEY_HEADER, IMAGE_MODEL_SUFFIX
 from threegnet_preprocessing import Preprocessing
 
 PROTOCOLS = ("grpc", "http")
@@ -52,6 +61,10 @@ class RequestFailed(ClientError):
     """The server refused or failed one request (a bad image, a timeout); others may succeed."""
 
 
+class AccessDenied(ClientError):
+    """The server wants a key this client did not send (or sent wrong)."""
+
+
 class ServerOverloaded(RequestFailed):
     """The server shed the request (its queue was full, or the request waited past the queue
     timeout: gRPC UNAVAILABLE, HTTP 503), also after the retries. Later requests may pass."""
@@ -59,6 +72,43 @@ class ServerOverloaded(RequestFailed):
 
 # What Triton's admission control says (config.pbtxt default_queue_policy): queue full, queue timeout.
 OVERLOAD_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
+RESTRICTED_MESSAGE = "is restricted, expecting header"  # Triton's refusal of a locked API, HTTP and gRPC alike
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS to the server (gRPC straight to Triton, HTTPS to the load balancer in front of it): ``ca``
+    verifies the server (default: the system's roots); ``cert`` and ``key`` are this client's
+    certificate, for mutual TLS."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    """The TLS and key flags every client command shares (docs/security.md)."""
+    g = parser.add_argument_group("TLS and keys")
+    g.add_argument("--tls", action="store_true", help="connect over TLS, verifying the server with the system's CAs")
+    g.add_argument("--ca", metavar="PEM", help="connect over TLS, verifying the server with this CA certificate")
+    g.add_argument("--client-cert", metavar="PEM", help="mutual TLS: this client's certificate (with --client-key)")
+    g.add_argument("--client-key", metavar="PEM", help="mutual TLS: its private key")
+    g.add_argument("--inference-key-file", metavar="FILE", help="for a server whose inference is locked too")
+
+
+def connection_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``TritonClassifier`` keyword arguments from :func:`add_connection_args`'s flags."""
+    if bool(args.client_cert) != bool(args.client_key):
+        raise ClientError("mutual TLS needs both --client-cert and --client-key")
+    for flag in ("ca", "client_cert", "client_key"):
+        if (path := getattr(args, flag)) and not Path(path).is_file():
+            raise ClientError(f"--{flag.replace('_', '-')} {path}: no such file")
+    tls = Tls(args.ca, args.client_cert, args.client_key) if args.tls or args.ca or args.client_cert else None
+    try:
+        key = read_key(args.inference_key_file, "inference key") if args.inference_key_file else None
+    except ControlKeyError as e:
+        raise ClientError(str(e)) from None
+    return {"tls": tls, "inference_key": key}
 
 
 def default_url(protocol: str) -> str:
@@ -92,18 +142,20 @@ class ModelInfo:
     name: str  # the raw-tensor model
     version: str  # its newest ready version
     image_model: str | None  # the bytes ensemble, None when it is not ready
-    arch: str
+    arch: str  # "" when the server keeps its configs private
     precision: str
     num_classes: int
     preprocessing: Preprocessing | None
     max_batch_size: int
     tensor_input: str
+    input_size: int  # the tensor model's square crop, from its input shape (N, H, W, 3)
     bytes_input: str | None
     classes_output: str  # the output that carries a labels file
     has_weight_map: bool
 
     def summary(self) -> str:
-        return f"{self.name} v{self.version} ({self.arch}, {self.precision}, {self.num_classes} classes)"
+        details = ", ".join(d for d in (self.arch, self.precision, f"{self.num_classes} classes") if d)
+        return f"{self.name} v{self.version} ({details})"
 
 
 @dataclass(frozen=True)
@@ -129,6 +181,10 @@ def parse_classes(entries: Sequence[bytes | str]) -> list[Prediction]:
 
 def _parameters(config: dict[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def _is_restricted(e: BaseException) -> bool:
+    return isinstance(e, InferenceServerException) and RESTRICTED_MESSAGE in (e.message() or "")
 
 
 def _is_overloaded(e: BaseException) -> bool:
@@ -173,7 +229,15 @@ class TritonClassifier:
         timeout: float = 30.0,
         retries: int = 3,
         backoff: float = 0.2,
+        tls: Tls | None = None,
+        inference_key: str | None = None,
+        control_key: str | None = None,
+        resize: int | None = None,
     ) -> None:
+        """``inference_key``: for a server whose inference is locked too. ``control_key``: the operators'
+        key, for their tools only; with it the model is described from its config (preprocessing record,
+        batch size, architecture). ``resize``: the shorter side before the centre crop, for local
+        preprocessing when the server keeps the record private (the crop comes from the model's input)."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if timeout <= 0 or retries < 0 or backoff < 0:
@@ -184,54 +248,81 @@ class TritonClassifier:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.tls = tls
+        self.resize = resize
+        to_headers = grpc_headers if protocol == "grpc" else http_headers
+        self.headers: dict[str, str] = {}
+        if inference_key is not None:
+            self.headers |= to_headers(inference_key, INFERENCE_KEY_HEADER)
+        if control_key is not None:
+            self.headers |= to_headers(control_key, CONTROL_KEY_HEADER)
         self._local = threading.local()
         self._info: ModelInfo | None = None
         self._info_lock = threading.Lock()
 
     @property
     def where(self) -> str:
-        return f"{self.url} ({'gRPC' if self.protocol == 'grpc' else 'HTTP'})"
+        name = "gRPC" if self.protocol == "grpc" else "HTTP"
+        return f"{self.url} ({name}{' over TLS' if self.tls else ''})"
 
     # -- transport -------------------------------------------------------------------------
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:
+            tls = self.tls
             if self.protocol == "grpc":
-                client = grpcclient.InferenceServerClient(self.url)
+                client = grpcclient.InferenceServerClient(
+                    self.url,
+                    ssl=tls is not None,
+                    root_certificates=tls and tls.ca,
+                    private_key=tls and tls.key,
+                    certificate_chain=tls and tls.cert,
+                )
             else:
+                files = (("ca_certs", tls.ca), ("certfile", tls.cert), ("keyfile", tls.key)) if tls else ()
+                options = {k: v for k, v in files if v}
                 client = httpclient.InferenceServerClient(
-                    self.url, connection_timeout=self.timeout, network_timeout=self.timeout
+                    self.url,
+                    connection_timeout=self.timeout,
+                    network_timeout=self.timeout,
+                    ssl=tls is not None,
+                    ssl_options=options if tls else None,
                 )
             self._local.client = client
         return client
 
-    def _call(self, what: str, fn: Callable[..., T]) -> T:
+    def _call(self, what: str, fn: Callable[..., T], retries: int | None = None) -> T:
         """``fn(client, **timeout)`` on this thread's client. What passes is retried with
         exponential backoff and jitter: connection errors (then :class:`ServerUnreachable`),
         overload refusals (then :class:`ServerOverloaded`) and a model missing while the
         server reloads it (then :class:`ModelUnavailable`). Other failures raise
         :class:`RequestFailed` with the server's message at once."""
-        timeout = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}  # HTTP: set on the client
+        kwargs: dict[str, Any] = {"headers": self.headers or None}
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = self.timeout  # HTTP: set on the client
+        retries = self.retries if retries is None else retries
         attempt = 0
         while True:
             try:
-                return fn(self._client(), **timeout)
+                return fn(self._client(), **kwargs)
             except (InferenceServerException, OSError) as e:
+                if _is_restricted(e):
+                    raise AccessDenied(f"{what}: the server at {self.where} wants a key: {_message(e)}") from None
                 if _is_timeout(e):
                     raise RequestFailed(f"{what}: no answer from {self.where} within {self.timeout:g} s") from None
                 tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
                 if _is_overloaded(e):
-                    if attempt == self.retries:
+                    if attempt == retries:
                         raise ServerOverloaded(
                             f"{what}: the server at {self.where} is overloaded and refused the request "
                             f"({_message(e)}; {tries}); try again later or send less at once"
                         ) from None
                 elif _is_model_missing(e):
-                    if attempt == self.retries:
+                    if attempt == retries:
                         raise ModelUnavailable(f"{what} at {self.where}: {_message(e)}") from None
                 elif not _is_connection_error(e):
                     raise RequestFailed(_message(e)) from None
-                elif attempt == self.retries:
+                elif attempt == retries:
                     raise ServerUnreachable(
                         f"cannot reach Triton at {self.where}: {_message(e)} ({tries}; "
                         "is the server running? python serve/launch.py --model-repository DIR)"
@@ -261,75 +352,79 @@ class TritonClassifier:
     def _json(self) -> dict[str, bool]:
         return {"as_json": True} if self.protocol == "grpc" else {}
 
-    def _index(self) -> list[dict[str, Any]]:
-        index = self._call("repository index", lambda c, **kw: c.get_model_repository_index(**self._json(), **kw))
-        return index.get("models", []) if isinstance(index, dict) else index
+    def _metadata(self, name: str) -> dict[str, Any] | None:
+        """The model's metadata (open on a locked server), None when it is not loaded."""
+        try:
+            return self._call(f"metadata of {name}", lambda c, **kw: c.get_model_metadata(name, **self._json(), **kw))
+        except (ModelUnavailable, RequestFailed):
+            return None
 
-    def ready_models(self) -> dict[str, str]:
-        """Ready model name -> its newest ready version."""
-        versions: dict[str, list[str]] = {}
-        for entry in self._index():
-            if entry.get("state") == "READY":
-                versions.setdefault(entry["name"], []).append(str(entry.get("version", "")))
-        return {name: max(v, key=lambda x: int(x) if x.isdigit() else -1) for name, v in versions.items()}
+    def _ready(self, name: str) -> bool:
+        try:
+            return bool(self._call(f"readiness of {name}", lambda c, **kw: c.is_model_ready(name, **kw)))
+        except (ModelUnavailable, RequestFailed):
+            return False
 
-    def _config(self, name: str) -> dict[str, Any]:
-        config = self._call(f"config of {name}", lambda c, **kw: c.get_model_config(name, **self._json(), **kw))
+    def _config(self, name: str) -> dict[str, Any] | None:
+        """The model's config, or None when the server keeps it to its operators (or a load balancer in
+        front forwards no control plane: 403, or 404 from an Ingress). Asked once: it is optional."""
+        try:
+            config = self._call(
+                f"config of {name}", lambda c, **kw: c.get_model_config(name, **self._json(), **kw), retries=0
+            )
+        except (AccessDenied, RequestFailed, ModelUnavailable):
+            return None
         return config.get("config", config)
 
     def describe(self, refresh: bool = False) -> ModelInfo:
         """Find the model and its partner (cached; ``refresh`` asks again).
 
-        ``model`` may name either the raw-tensor model or the bytes ensemble: each
-        names the other in its config parameters.
+        ``model`` may name the raw-tensor model or an ensemble over it (``NAME_image``, ``NAME_classifier``...).
         """
         with self._info_lock:
             if self._info is None or refresh:
                 self._info = self._describe()
             return self._info
 
+    def _require(self, name: str, role: str = "") -> dict[str, Any]:
+        meta = self._metadata(name)
+        if meta is None or not self._ready(name):
+            problem = "is not ready" if meta is not None else "is not on the server (or not loaded)"
+            raise ModelUnavailable(f"model '{name}'{role} {problem} at {self.where}")
+        return meta
+
     def _describe(self) -> ModelInfo:
-        ready = self.ready_models()
-        if self.model not in ready:
-            entries = {e["name"]: e for e in self._index()}
-            if self.model in entries:
-                entry = entries[self.model]
-                reason = f" ({entry['reason']})" if entry.get("reason") else ""
-                problem = f"is {entry.get('state') or 'not ready'}{reason}"
-            else:
-                problem = "is not on the server"
-            listing = ", ".join(sorted(ready)) or "none"
-            raise ModelUnavailable(f"model '{self.model}' {problem} at {self.where}; ready models: {listing}")
-        config = self._config(self.model)
-        params = _parameters(config)
-        # Every ensemble (the bytes model, the classifiers) names its tensor model; the tensor model
-        # names the full bytes ensemble.
-        tensor_name = params.get("tensor_model", self.model)
-        if tensor_name != self.model:
-            if tensor_name not in ready:
-                raise ModelUnavailable(
-                    f"model '{tensor_name}' (the tensor model behind '{self.model}') is not ready at {self.where}; "
-                    f"ready models: {', '.join(sorted(ready))}"
-                )
-            config = self._config(tensor_name)
+        meta = self._require(self.model)
+        # The ensembles over a model are named after it (NAME_image, NAME_classifier, NAME_image_classifier).
+        tensor_name = self.model.removesuffix(CLASSIFIER_SUFFIX).removesuffix(IMAGE_MODEL_SUFFIX)
+        if tensor_name != self.model and self._metadata(tensor_name) is None:
+            tensor_name = self.model  # a model whose own name merely ends so
+        tensor_meta = meta if tensor_name == self.model else self._require(tensor_name, f" (behind '{self.model}')")
+        image_name = tensor_name + IMAGE_MODEL_SUFFIX
+        image_meta = self._metadata(image_name) if self._ready(image_name) else None
+        outputs = {o["name"]: o for o in tensor_meta["outputs"]}
+        classes = next((n for n in outputs if n != WEIGHT_MAP), next(iter(outputs)))
+        params, config = {}, self._config(tensor_name)  # the operators' view: preprocessing, batch size, arch
+        if config is not None:
             params = _parameters(config)
-        image_name = params.get("image_model")
-        image_name = image_name if image_name in ready else None
-        bytes_input = self._config(image_name)["input"][0]["name"] if image_name else None
-        outputs = {o["name"]: o for o in config["output"]}
-        classes = next((n for n, o in outputs.items() if o.get("label_filename")), next(iter(outputs)))
+            classes = next((o["name"] for o in config["output"] if o.get("label_filename")), classes)
         pp = params.get("preprocessing")
+        size = int(tensor_meta["inputs"][0]["shape"][1])
+        preprocessing = Preprocessing.from_dict(json.loads(pp)) if pp else None
+        if preprocessing is None and self.resize is not None:
+            preprocessing = Preprocessing(resize=self.resize, crop=size)
         return ModelInfo(
             name=tensor_name,
-            version=ready[tensor_name],
-            image_model=image_name,
-            arch=params.get("arch", "unknown arch"),
-            precision=params.get("precision", "fp32"),
-            num_classes=int(params.get("num_classes") or outputs[classes]["dims"][-1]),
-            preprocessing=Preprocessing.from_dict(json.loads(pp)) if pp else None,
-            max_batch_size=int(config.get("max_batch_size", 0)),
-            tensor_input=config["input"][0]["name"],
-            bytes_input=bytes_input,
+            version=max(tensor_meta.get("versions") or ["?"], key=lambda v: int(v) if v.isdigit() else -1),
+            image_model=image_name if image_meta is not None else None,
+            arch=params.get("arch", ""),
+            precision=params.get("precision", ""),
+            num_classes=int(params.get("num_classes") or outputs[classes]["shape"][-1]),
+            preprocessing=preprocessing,
+            max_batch_size=int(config.get("max_batch_size", 0)) if config else 0,
+            tensor_input=tensor_meta["inputs"][0]["name"],
+            input_size=size,
+            bytes_input=image_meta["inputs"][0]["name"] if image_meta is not None else None,
             classes_output=classes,
             has_weight_map=WEIGHT_MAP in outputs,
         )

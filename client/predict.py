@@ -9,12 +9,18 @@ encoded files go to the server's image-bytes ensemble, which decodes and
 preprocesses them; --send tensor preprocesses here with the record read from
 the model's config and calls the raw model. --json prints one JSON object per
 input on stdout: {"path", "top_k": [{"index", "label", "probability"}...]} or
-{"path", "error"}.
+{"path", "error"}. Folders and ``**`` globs follow symbolic links to folders,
+entering each folder once; what they leave out (a symlink loop, a broken link) is
+said on stderr.
 
-Exit status: 0 every input classified; 1 some input missing, unreadable or not an
-image, or refused by an overloaded server after the retries (the others are still
-classified); 2 server unreachable, model missing or not ready (also when either goes
-away during the run), or bad arguments.
+Exit status:
+  0    every input classified
+  1    some input missing, unreadable or not an image, or refused by an overloaded
+       server after the retries (the others are still classified)
+  2    server unreachable, not speaking --protocol at --url (the other port?), model
+       missing or not ready (also when either goes away during the run), or bad
+       arguments (a --url with a scheme other than the protocol's)
+  130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -42,7 +48,10 @@ from client.inference import (
     Prediction,
     RequestFailed,
     ServerOverloaded,
+    ServerUnreachable,
     TritonClassifier,
+    add_connection_args,
+    connection_from_args,
 )
 from threegnet_preprocessing import ImageError, Preprocessing, load_and_preprocess
 
@@ -82,10 +91,17 @@ def _seconds(text: str) -> float:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    description, epilog = __doc__.split("\nExit status:", 1)
+    p = argparse.ArgumentParser(
+        description=description, epilog="exit status:" + epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or quoted globs")
-    p.add_argument("--url", help="server HOST:PORT (default 127.0.0.1:8001 for grpc, 127.0.0.1:8000 for http)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="default: grpc")
+    p.add_argument(
+        "--url",
+        help="server HOST:PORT (default 127.0.0.1:8001 for grpc, 127.0.0.1:8000 for http); "
+        "http://HOST:PORT means --protocol http, grpc://HOST:PORT --protocol grpc",
+    )
+    p.add_argument("--protocol", choices=PROTOCOLS, help="default: grpc, or the scheme of --url")
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"the tensor model or its bytes ensemble (default {DEFAULT_MODEL})"
     )
@@ -95,6 +111,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--send", choices=("bytes", "tensor"), default="bytes", help="encoded files (default) or local crops"
     )
     p.add_argument("--batch-size", type=_at_least(1), default=8, help="images per request (default 8)")
+    p.add_argument(
+        "--resize",
+        type=_at_least(1),
+        help="--send tensor on a server that keeps its configs private: the shorter side before the centre crop "
+        "(the crop comes from the model's input; default: the model's preprocessing record)",
+    )
     p.add_argument("--concurrency", type=_at_least(1), default=4, help="requests in flight (default 4)")
     p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for one answer (default 60)")
     p.add_argument(
@@ -103,7 +125,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=3,
         help="retries on connection errors and overload refusals, with backoff and jitter (default 3)",
     )
+    add_connection_args(p)
     return p.parse_args(argv)
+
+
+class UsageError(ValueError):
+    """Arguments that contradict each other (found after parsing)."""
+
+
+def resolve_url(url: str | None, protocol: str | None) -> tuple[str | None, str]:
+    """``--url`` as the HOST:PORT the client libraries take, and the protocol. A scheme that names a
+    protocol (``http://``, ``grpc://``) is stripped and chooses it; one that contradicts ``--protocol``,
+    or any other scheme or a path after the port, is a :class:`UsageError`."""
+    if url is None or "://" not in url:
+        if url is not None and "/" in url:
+            raise UsageError(f"--url {url}: give HOST:PORT, without a path")
+        return url, protocol or "grpc"
+    scheme, rest = url.split("://", 1)
+    scheme = scheme.lower()
+    if scheme not in PROTOCOLS:
+        tls = "; for TLS add --tls or --ca PEM" if scheme in ("https", "grpcs") else ""
+        raise UsageError(
+            f"--url {url}: unsupported scheme '{scheme}://'; give HOST:PORT with --protocol grpc|http{tls}"
+        )
+    if protocol is not None and scheme != protocol:
+        raise UsageError(f"--url {url} is an {scheme} address but --protocol is {protocol}")
+    host_port = rest.rstrip("/")
+    if not host_port or "/" in host_port:
+        raise UsageError(f"--url {url}: give {scheme}://HOST:PORT, without a path")
+    return host_port, scheme
 
 
 def _load(path: Path, pp: Preprocessing | None) -> bytes | np.ndarray:
@@ -167,18 +217,38 @@ def report(outcome: Outcome, as_json: bool, width: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    url, protocol = resolve_url(args.url, args.protocol)
     inputs = collect(args.paths)
+    for path, why in inputs.skipped:
+        print(f"note: skipped {path}: {why}", file=sys.stderr)
     for argument, problem in inputs.problems:
         report(Outcome(argument, error=problem), args.json, 0)
     if not inputs.files:
         print(f"nothing to classify: {len(inputs.problems)} path(s) not found", file=sys.stderr)
         return EXIT_INPUT_ERRORS
 
-    classifier = TritonClassifier(args.url, args.protocol, args.model, timeout=args.timeout, retries=args.retries)
-    info = classifier.describe()
-    if args.send == "tensor" and info.preprocessing is None:
-        raise ModelUnavailable(f"model '{info.name}' has no preprocessing record in its config; use --send bytes")
-    pp = info.preprocessing if args.send == "tensor" else None
+    classifier = TritonClassifier(
+        url, protocol, args.model, timeout=args.timeout, retries=args.retries, resize=args.resize,
+        **connection_from_args(args),
+    )  # fmt: skip
+    try:
+        info = classifier.describe()
+    except ClientError:
+        raise
+    except Exception as e:  # an answer in another protocol: HTTP sent to the gRPC port, or the reverse
+        names = {"grpc": "gRPC", "http": "HTTP"}
+        other = next(p for p in PROTOCOLS if p != protocol)
+        raise ServerUnreachable(
+            f"cannot talk to Triton at {classifier.where}: the answer is not {names[protocol]} "
+            f"({type(e).__name__}: {str(e) or 'no detail'}); is it the {names[other]} port? (--protocol {other})"
+        ) from None
+    pp = info.preprocessing
+    if args.send == "tensor" and pp is None:
+        raise ModelUnavailable(
+            f"model '{info.name}': the server keeps its preprocessing record private (a locked control plane); "
+            "give --resize (the shorter side before the centre crop) or use --send bytes"
+        )
+    pp = pp if args.send == "tensor" else None
 
     files = inputs.files
     batch = min(args.batch_size, info.max_batch_size or 1)
@@ -215,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except ClientError as e:  # server unreachable, model missing: nothing can be classified
+    except (ClientError, UsageError) as e:  # server unreachable, model missing: nothing can be classified
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SERVER
     except BrokenPipeError:  # the reader went away (| head): stop without a traceback

@@ -17,6 +17,12 @@ when a replica dies, as in the cluster (docs/deploy.md):
 * This fleet restarts a replica whose launcher exited (Triton died): Kubernetes'
   ``restartPolicy``. ``rolling_restart`` drains each replica in HAProxy before stopping it,
   as the Service's endpoint removal and the pod's ``preStop`` do.
+
+Locked as the cluster is (docs/security.md): the replicas share one operators' key (from
+``--control-key-file`` or the environment, as the launcher reads it; else random for this run),
+and HAProxy forwards only the data plane (inference, health, metadata), so the control plane is
+reachable only on the replicas' own ports. With ``--tls-cert``/``--tls-key`` it serves HTTPS and
+gRPC over TLS (``--tls-client-ca``: mutual TLS), as the Ingress does.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import contextlib
 import csv
 import io
+import os
 import shutil
 import signal
 import socket
@@ -42,10 +49,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from serve.children import Stopped, raise_on_stop_signals, spawn, stop  # noqa: E402
-from serve.endpoints import READY_PATH, Addresses  # noqa: E402
+from serve.control import ControlKeyError, grpc_headers, http_headers, resolve_key  # noqa: E402
+from serve.endpoints import CONTROL_KEY_ENV, DATA_PLANE_GRPC_METHODS, READY_PATH, Addresses  # noqa: E402
 from serve.server import free_port  # noqa: E402
 
 CHECK_INTERVAL_MS = 500
+# The data plane, as HAProxy matches a path (before any decoding: a path with % is refused): server metadata,
+# health, and a model's metadata, readiness and inference; "stats" is the statistics API, not a model.
+DATA_PLANE_PATH = r"^/v2(/health/(live|ready)|/models/[^/%]+(/versions/[0-9]+)?(/(infer|ready))?)?$"
 
 HAPROXY_CONFIG = """\
 global
@@ -64,11 +75,15 @@ defaults
     retry-on conn-failure empty-response response-timeout
 
 frontend http
-    bind {host}:{http_port}
+    bind {host}:{http_port}{http_tls}
+    # Only the data plane: the control plane (repository, configs, statistics, ...) stays on the replicas.
+    http-request deny deny_status 403 if {{ path -m reg -i ^/v2/models/stats$ }}
+    http-request deny deny_status 403 unless {{ path -m reg {data_plane} }}
     default_backend triton_http
 
 frontend grpc
-    bind {host}:{grpc_port} proto h2
+    bind {host}:{grpc_port}{grpc_tls}
+    http-request deny deny_status 403 unless {{ path {grpc_methods} }}
     default_backend triton_grpc
 
 frontend stats
@@ -97,6 +112,26 @@ class FleetError(RuntimeError):
     """The fleet could not start (no haproxy, a replica that never got ready...)."""
 
 
+@dataclass(frozen=True)
+class FleetTls:
+    """HTTPS and gRPC over TLS at the load balancer (the replicas behind it are on loopback); with
+    ``client_ca``, mutual TLS: only clients with a certificate that CA signed get in."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def haproxy_pem(self, work: Path) -> Path:
+        """HAProxy wants the certificate and its key in one file (readable by us alone)."""
+        for what, path in (("certificate", self.cert), ("key", self.key), ("client CA", self.client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise FleetError(f"TLS {what} {path}: no such file")
+        pem = work / "tls.pem"
+        pem.touch(mode=0o600)
+        pem.write_text(Path(self.cert).read_text() + Path(self.key).read_text())
+        return pem
+
+
 @dataclass
 class Replica:
     """One ``serve/launch.py`` on its own loopback ports."""
@@ -110,13 +145,17 @@ class Replica:
     process: subprocess.Popen | None = None
     starts: int = 0
 
+    control_key: str = ""  # the fleet's operators' key, handed over in the environment (never on a command line)
+
     def start(self) -> None:
         cmd = [sys.executable, str(ROOT / "serve" / "launch.py"), "--model-repository", str(self.repository),
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--metrics-port", str(self.metrics_port), "--exit-timeout", "10"]  # fmt: skip
         self.starts += 1
         with (self.log_dir / f"{self.name}.log").open("a") as log:
-            self.process = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+            env = {**os.environ, CONTROL_KEY_ENV: self.control_key}
+            env.pop("THREEGNET_CONTROL_KEY_FILE", None)  # the fleet's key, whatever the caller's environment says
+            self.process = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
 
     def ready(self) -> bool:
         try:
@@ -148,13 +187,25 @@ class Replica:
 class Fleet(Addresses):
     """N replicas and HAProxy; see the module doc. Use as a context manager."""
 
-    def __init__(self, repository: Path, replicas: int = 2, host: str = "127.0.0.1", restart: bool = True) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        replicas: int = 2,
+        host: str = "127.0.0.1",
+        restart: bool = True,
+        control_key: str | None = None,
+        tls: FleetTls | None = None,
+    ) -> None:
         if shutil.which("haproxy") is None:
             raise FleetError("no haproxy on PATH: install Debian's haproxy (make haproxy)")
         self.repository, self.host, self.restart = Path(repository), host, restart
+        self.control_key = control_key if control_key is not None else resolve_key()[0]
+        self.tls = tls
         self._work = tempfile.TemporaryDirectory(prefix="threegnet-fleet-")
         self.work = Path(self._work.name)
-        self.replicas = [Replica(f"r{i}", self.repository, self.work) for i in range(replicas)]
+        self.replicas = [
+            Replica(f"r{i}", self.repository, self.work, control_key=self.control_key) for i in range(replicas)
+        ]
         self.http_port, self.grpc_port, self.stats_port = free_port(), free_port(), free_port()
         self.socket = self.work / "haproxy.sock"
         self.haproxy: subprocess.Popen | None = None
@@ -172,11 +223,28 @@ class Fleet(Addresses):
                 lines.append(f"    server {r.name} 127.0.0.1:{getattr(r, port)}{extra}")
             return "\n".join(lines)
 
+        http_tls, grpc_tls = "", " proto h2"
+        if self.tls is not None:
+            pem = self.tls.haproxy_pem(self.work)
+            verify = f" ca-file {self.tls.client_ca} verify required" if self.tls.client_ca else ""
+            http_tls = f" ssl crt {pem}{verify} alpn http/1.1"
+            grpc_tls = f" ssl crt {pem}{verify} alpn h2"
+        methods = " ".join(f"/inference.GRPCInferenceService/{m}" for m in DATA_PLANE_GRPC_METHODS)
         return HAPROXY_CONFIG.format(
             socket=self.socket, host=self.host, http_port=self.http_port, grpc_port=self.grpc_port,
             stats_port=self.stats_port, ready_path=READY_PATH, interval=CHECK_INTERVAL_MS,
             http_servers=servers("http_port", False), grpc_servers=servers("grpc_port", True),
+            http_tls=http_tls, grpc_tls=grpc_tls, data_plane=DATA_PLANE_PATH, grpc_methods=methods,
         )  # fmt: skip
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        """The operators' key as an HTTP header, for a replica's own port (HAProxy forwards no control plane)."""
+        return http_headers(self.control_key)
+
+    @property
+    def grpc_control_headers(self) -> dict[str, str]:
+        return grpc_headers(self.control_key)
 
     def start(self) -> Fleet:
         for r in self.replicas:
@@ -284,14 +352,29 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", required=True, type=Path)
     p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--control-key-file", type=Path, help="the operators' key (default: as serve/launch.py reads it)")
+    p.add_argument("--tls-cert", type=Path, help="serve HTTPS and gRPC over TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, help="mutual TLS: only clients whose certificate this CA signed")
     args = p.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        p.error("TLS needs both --tls-cert and --tls-key (and them for --tls-client-ca)")
+    try:
+        key, origin = resolve_key(args.control_key_file)
+    except ControlKeyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tls = FleetTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     raise_on_stop_signals()
     try:
-        with Fleet(args.model_repository, args.replicas) as fleet:
+        with Fleet(args.model_repository, args.replicas, control_key=key, tls=tls) as fleet:
+            scheme = "https" if tls else "http"
             print(
                 f"fleet of {args.replicas} replicas behind HAProxy:\n"
-                f"  HTTP   http://{fleet.http_url}\n  gRPC   {fleet.grpc_url}\n"
-                f"  stats  http://{fleet.host}:{fleet.stats_port}/\nCtrl-C to stop.",
+                f"  {scheme.upper():5}  {scheme}://{fleet.http_url}\n  gRPC   {fleet.grpc_url}"
+                f"{' (TLS)' if tls else ''}\n  stats  http://{fleet.host}:{fleet.stats_port}/\n"
+                f"Only the data plane passes the load balancer; the replicas' control plane wants the operators' "
+                f"key ({origin}).\nCtrl-C to stop.",
                 file=sys.stderr,
             )
             while True:

@@ -21,20 +21,45 @@ def imagenet_labels() -> list[str]:
 
 
 def read_labels_file(path: str | Path) -> list[str]:
-    """One label per line; the official Places365 "/a/airfield 0" lines become "airfield"."""
+    """One label per line; the official Places365 "/a/airfield 0" lines become "airfield".
+
+    A blank line before the last label is refused (dropping it would shift every later
+    label by one, keeping it would make a nameless class), and so is a name given twice
+    (the two classes could not be told apart); both name their line numbers.
+    """
     path = Path(path)
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as e:
         raise LabelsError(f"{path}: cannot read labels ({e})") from None
-    lines = [line for line in lines if line]
+    while lines and not lines[-1]:
+        lines.pop()  # blank lines at the end shift nothing
+    blank = [number for number, line in enumerate(lines, 1) if not line]
+    if blank:
+        raise LabelsError(
+            f"{path}: blank line{'s' if len(blank) > 1 else ''} {_numbers(blank)}: one label per line, "
+            "no blank lines (a dropped line would shift every later label by one)"
+        )
     parsed = [_PLACES_LINE.match(line) for line in lines]
+    numbered = list(enumerate(lines, 1))
     if lines and all(parsed):
-        by_index = {int(m["index"]): m["name"] for m in parsed if m}
+        by_index = {int(m["index"]): (number, m["name"]) for number, m in enumerate(parsed, 1) if m}
         if sorted(by_index) != list(range(len(lines))):
             raise LabelsError(f"{path}: indices are not 0..{len(lines) - 1}")
-        return [by_index[i] for i in range(len(lines))]
-    return lines
+        numbered = [by_index[i] for i in range(len(lines))]
+    where: dict[str, list[int]] = {}
+    for number, label in numbered:
+        where.setdefault(label, []).append(number)
+    duplicates = [f"'{label}' (lines {_numbers(numbers)})" for label, numbers in where.items() if len(numbers) > 1]
+    if duplicates:
+        more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+        raise LabelsError(f"{path}: duplicate labels: {', '.join(duplicates[:5])}{more}; each class needs its own name")
+    return [label for _, label in numbered]
+
+
+def _numbers(numbers: list[int], limit: int = 10) -> str:
+    more = f" ... ({len(numbers)} in all)" if len(numbers) > limit else ""
+    return ", ".join(str(n) for n in numbers[:limit]) + more
 
 
 def places365_labels() -> list[str]:

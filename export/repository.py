@@ -1,6 +1,6 @@
 """Writing a Triton model repository: versions, atomic moves, nothing half-written.
 
-Layout written for a model NAME (DESIGN §3):
+Layout written for a model NAME:
 
     DIR/NAME/config.pbtxt            onnxruntime backend, raw uint8 tensors
     DIR/NAME/labels.txt
@@ -11,7 +11,9 @@ Layout written for a model NAME (DESIGN §3):
     DIR/NAME_image_classifier/...    ensemble: bytes -> probabilities only (ensemble_image_client.py)
 
 Files are staged elsewhere and moved in with ``os.replace``; a version directory
-appears complete or not at all.
+appears complete or not at all. Whatever fails (a full disk, a read-only folder, a
+stop signal turned into an exception), the staging copies (``.incoming-*``,
+``.*.tmp``) are removed and a replaced version is put back.
 """
 
 from __future__ import annotations
@@ -77,8 +79,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _same_files(a: Path, b: Path) -> bool:
@@ -96,16 +101,27 @@ def _install_dir(staged: Path, target: Path) -> None:
     if _same_files(staged, target):
         return
     incoming = target.with_name(f".incoming-{target.name}")
+    old = target.with_name(f".old-{target.name}")
     shutil.rmtree(incoming, ignore_errors=True)
-    shutil.copytree(staged, incoming)
-    if target.exists():
-        old = target.with_name(f".old-{target.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(incoming, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(incoming, target)
+    try:
+        incoming.mkdir()
+        for f in sorted(staged.iterdir()):  # flat; file by file, so that an OSError keeps its errno
+            shutil.copy2(f, incoming / f.name)
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            try:
+                os.replace(incoming, target)
+            except BaseException:
+                os.replace(old, target)  # the previous version stays
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(incoming, target)
+    finally:
+        shutil.rmtree(incoming, ignore_errors=True)  # gone already after a success; a partial copy otherwise
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_repository(
@@ -116,31 +132,51 @@ def write_repository(
     preprocessing: dict,
     version: int,
 ) -> dict[str, Path]:
-    """Install an exported model, its labels, the preprocessing model and the ensemble."""
+    """Install an exported model, its labels, the preprocessing model and the ensemble.
+
+    On any failure the folders this call created (a new version, new models) are removed again:
+    a server must not find a half-made model. A version replaced with ``--force`` stays replaced.
+    """
     model_dir = output_dir / spec.name
-    model_dir.mkdir(parents=True, exist_ok=True)
     labels_text = "".join(f"{label}\n" for label in labels)
-    with tempfile.TemporaryDirectory(prefix="threegnet-repo-") as tmp:
-        staged = Path(tmp)
-        (staged / "version").mkdir()
-        shutil.copy2(onnx_file, staged / "version" / "model.onnx")
-        _install_dir(staged / "version", model_dir / str(version))
-        write_text_atomic(model_dir / LABELS_FILE, labels_text)
-        write_text_atomic(model_dir / "config.pbtxt", to_pbtxt(onnx_config(spec)))
+    created: list[Path] = []
+    if not (model_dir / str(version)).exists():
+        created.append(model_dir / str(version))  # a new version: gone again if the rest fails
 
-        pre_dir = output_dir / spec.preprocess_name
-        pre_dir.mkdir(exist_ok=True)
-        (staged / "pre").mkdir()
-        shutil.copy2(PREPROCESS_MODEL, staged / "pre" / "model.py")
-        shutil.copy2(PREPROCESSING_MODULE, staged / "pre" / "threegnet_preprocessing.py")
-        _install_dir(staged / "pre", pre_dir / "1")
-        write_text_atomic(pre_dir / "config.pbtxt", to_pbtxt(preprocess_model_config(spec, preprocessing)))
+    def make(directory: Path) -> None:
+        if not directory.exists():
+            directory.mkdir(parents=True)
+            created.append(directory)
 
-        written = {"model": model_dir, "preprocess": pre_dir}
-        for key, cfg in (("ensemble", ensemble_config(spec)), *(("classifier", c) for c in classifier_configs(spec))):
-            ens_dir = output_dir / cfg.name
-            (ens_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version dir, even empty
-            write_text_atomic(ens_dir / LABELS_FILE, labels_text)
-            write_text_atomic(ens_dir / "config.pbtxt", to_pbtxt(cfg))
-            written.setdefault(key, ens_dir)
+    try:
+        make(model_dir)
+        with tempfile.TemporaryDirectory(prefix="threegnet-repo-") as tmp:
+            staged = Path(tmp)
+            (staged / "version").mkdir()
+            shutil.copy2(onnx_file, staged / "version" / "model.onnx")
+            _install_dir(staged / "version", model_dir / str(version))
+            write_text_atomic(model_dir / LABELS_FILE, labels_text)
+            write_text_atomic(model_dir / "config.pbtxt", to_pbtxt(onnx_config(spec)))
+
+            pre_dir = output_dir / spec.preprocess_name
+            make(pre_dir)
+            (staged / "pre").mkdir()
+            shutil.copy2(PREPROCESS_MODEL, staged / "pre" / "model.py")
+            shutil.copy2(PREPROCESSING_MODULE, staged / "pre" / "threegnet_preprocessing.py")
+            _install_dir(staged / "pre", pre_dir / "1")
+            write_text_atomic(pre_dir / "config.pbtxt", to_pbtxt(preprocess_model_config(spec, preprocessing)))
+
+            written = {"model": model_dir, "preprocess": pre_dir}
+            ensembles = (("ensemble", ensemble_config(spec)), *(("classifier", c) for c in classifier_configs(spec)))
+            for key, cfg in ensembles:
+                ens_dir = output_dir / cfg.name
+                make(ens_dir)
+                (ens_dir / "1").mkdir(exist_ok=True)  # Triton wants a version dir, even empty
+                write_text_atomic(ens_dir / LABELS_FILE, labels_text)
+                write_text_atomic(ens_dir / "config.pbtxt", to_pbtxt(cfg))
+                written.setdefault(key, ens_dir)
+    except BaseException:
+        for directory in created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     return written

@@ -8,15 +8,30 @@ Accepts this project's checkpoints and the authors' released ``.pth.tar`` files
 ``DIR/NAME/<version>/model.onnx`` and ``DIR/NAME/labels.txt``, plus the
 ``NAME_preprocess`` model and the ``NAME_image`` ensemble that take encoded image
 bytes. Every export is verified against PyTorch with onnxruntime.
+
+Nothing is left behind by a failed or stopped export: the work folder in TMPDIR and
+the staging copies in the model repository are removed on any error, SIGINT, SIGTERM
+or SIGHUP, and an existing version is either replaced completely or kept.
+
+Exit status:
+  0    exported and verified
+  2    bad input (checkpoint, labels file, --name, image folders), verification failed,
+       or the repository or TMPDIR cannot be written (read-only, no space left on device)
+  130  stopped by SIGINT (143 SIGTERM, 129 SIGHUP)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
+import re
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +79,9 @@ from export.verify import (
     compare,
     probabilities,
 )
+from serve.children import STOP_SIGNALS, Stopped, raise_on_stop_signals
 from threegnet_preprocessing import IMAGE_SUFFIXES, ImageError, Preprocessing, load_and_preprocess
-from training.checkpoint import CheckpointError, load_model, sha256sum
+from training.checkpoint import CheckpointError, describe_os_error, load_model, os_error_in, sha256sum
 from training.model import ARCHS
 
 # Tolerances per precision: (max |Δ probability| vs PyTorch fp32, min top-1 agreement). INT8 is judged
@@ -74,8 +90,24 @@ MAX_IMAGES = CALIBRATION_IMAGES  # read from each image folder (calibration, ver
 TOLERANCES = {"fp32": (1e-3, 1.0), "fp16": (0.05, 0.9), "int8": (1.0, 0.0)}
 
 
+# Triton model names as folder names: letters, digits, '_', '-', '.'; not hidden, no path.
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+MAX_NAME = 200  # the longest derived name (NAME_image_classifier) stays within a file name's 255 bytes
+
+
 class ExportInputError(ValueError):
     """Bad command-line input (missing image folder...)."""
+
+
+def check_model_name(name: str) -> None:
+    """A name Triton can serve and that stays inside the repository (no '/', '..', '.', '')."""
+    if not name:
+        raise ExportInputError("--name is empty; give a model name such as threegnet")
+    if len(name) > MAX_NAME or MODEL_NAME.fullmatch(name) is None:
+        raise ExportInputError(
+            f"--name {name!r} is not a valid model name: use letters, digits, '_', '-' and '.' "
+            f"(not first), at most {MAX_NAME} characters; it names a folder inside --output-dir"
+        )
 
 
 def project_version() -> str:
@@ -90,7 +122,10 @@ def log(message: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    description, epilog = __doc__.split("\nExit status:", 1)
+    p = argparse.ArgumentParser(
+        description=description, epilog="exit status:" + epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, type=Path, help="this project's checkpoint or a released .pth.tar")
     p.add_argument("--output-dir", required=True, type=Path, help="the Triton model repository to write into")
     p.add_argument("--name", default="threegnet", help="model name in the repository (default: threegnet)")
@@ -232,7 +267,10 @@ def verify(what: str, onnx_path: Path, reference, images: np.ndarray, precision:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     output_dir = args.output_dir
+    check_model_name(args.name)
     check_writable(output_dir)
+    if (output_dir / args.name).is_dir():
+        check_writable(output_dir / args.name)  # a read-only model folder: say so before a long export
     version = choose_version(output_dir / args.name, args.version, args.force)
     if args.precision == "int8" and args.calibration_images is None:
         raise ExportInputError("--precision int8 needs --calibration-images DIR (a few dozen typical images)")
@@ -368,10 +406,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Stopped` while exporting, so that every ``finally``
+    (the TMPDIR work folder, the repository's staging copies) runs; the previous handlers come back
+    after (``main`` may be called inside another program). Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    raise_on_stop_signals()
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return run(args)
+        with stop_signals_raise():
+            return run(args)
     except (
         CheckpointError,
         LabelsError,
@@ -382,6 +438,32 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         log(f"error: {e}")
         return 2
+    except KeyboardInterrupt:  # SIGINT where no handler of ours was installed (not the main thread)
+        log("interrupted: export abandoned; staging removed")
+        return 130
+    except Exception as e:
+        stopped = _in_chain(e, Stopped)  # also when a library wrapped it into its own error
+        if stopped is not None:
+            log(f"{stopped}: export abandoned; staging removed")
+            return 128 + stopped.signum
+        cause = os_error_in(e)
+        if cause is None:
+            raise
+        path = cause.filename2 or cause.filename  # a copy's destination (shutil names both)
+        where = f" ({path})" if path else ""
+        log(f"error: {describe_os_error(cause)}{where}; export abandoned, staging removed")
+        return 2
+
+
+def _in_chain(e: BaseException, kind: type[Stopped]) -> Stopped | None:
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from serve.endpoints import CLASSIFIER_SUFFIX, IMAGE_MODEL_SUFFIX
+
 LABELS_FILE = "labels.txt"
 BYTES_INPUT = "image_bytes"
 
@@ -120,17 +122,17 @@ class ModelSpec:
 
     @property
     def image_name(self) -> str:
-        return f"{self.name}_image"
+        return self.name + IMAGE_MODEL_SUFFIX
 
     @property
     def classifier_name(self) -> str:
         """Raw tensors in, probabilities only out: what Triton's stock ``image_client.py`` accepts."""
-        return f"{self.name}_classifier"
+        return self.name + CLASSIFIER_SUFFIX
 
     @property
     def image_classifier_name(self) -> str:
         """Image bytes in, probabilities only out: what ``ensemble_image_client.py`` accepts."""
-        return f"{self.name}_image_classifier"
+        return self.name + IMAGE_MODEL_SUFFIX + CLASSIFIER_SUFFIX
 
 
 def _tensor(name: str, dtype: int, dims: list[int], labels: bool = False) -> dict[str, Any]:

@@ -94,15 +94,24 @@ def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 300)
     raise SystemExit(f"[demo] {what} not ready after {timeout:.0f} s ({url})")
 
 
-def exported_sha(repository: Path, name: str) -> str | None:
-    """The checkpoint sha256 an existing export records in its config, if any."""
+def _exported_parameters(repository: Path, name: str) -> dict[str, str]:
+    """The parameters an existing export records in its config (empty when there is none)."""
     config = repository / name / "config.pbtxt"
     if not config.exists():
-        return None
+        return {}
     from export.triton_config import parse_pbtxt
 
-    params = parse_pbtxt(config.read_text()).parameters
-    return params["source_sha256"].string_value if "source_sha256" in params else None
+    return {k: v.string_value for k, v in parse_pbtxt(config.read_text()).parameters.items()}
+
+
+def exported_sha(repository: Path, name: str) -> str | None:
+    """The checkpoint sha256 an existing export records in its config, if any."""
+    return _exported_parameters(repository, name).get("source_sha256")
+
+
+def exported_preprocessing(repository: Path, name: str) -> dict:
+    """The export's preprocessing record (resize, crop, ...), read from its config file."""
+    return json.loads(_exported_parameters(repository, name).get("preprocessing") or "{}")
 
 
 def accuracy(run_dir: Path) -> float | None:
@@ -192,8 +201,10 @@ def pipeline(args: argparse.Namespace, children: Children) -> int:
              "--top-k", "3", "--json"])  # fmt: skip
         log(f"pipeline done in {time.perf_counter() - started:.0f} s")
         return 0
+    # The locked server keeps the preprocessing record private; the demo draws the weight map over the crop.
+    resize = exported_preprocessing(args.model_repository, "threegnet").get("resize")
     demo_cmd = [PY, "client/demo.py", "--url", grpc_url, "--port", str(args.demo_port),
-                "--examples", str(args.data_dir / "val")]  # fmt: skip
+                "--examples", str(args.data_dir / "val"), *(["--resize", str(resize)] if resize else [])]  # fmt: skip
     demo = children.start(demo_cmd)
     wait_http(f"http://127.0.0.1:{args.demo_port}/", demo, "the Gradio demo", timeout=120)
     log(

@@ -28,3 +28,23 @@ class Addresses:
     @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+
+# The operators' key: Triton's control plane (loading, unloading, configs, shared memory, statistics,
+# trace, logging) answers only requests that carry it (docs/security.md). The launcher reads it from
+# the file CONTROL_KEY_FILE_ENV names, else from CONTROL_KEY_ENV, else makes a random one per run.
+CONTROL_KEY_ENV = "THREEGNET_CONTROL_KEY"
+CONTROL_KEY_FILE_ENV = "THREEGNET_CONTROL_KEY_FILE"
+CONTROL_KEY_HEADER = "control-key"  # HTTP header; over gRPC the metadata triton-grpc-protocol-control-key
+CONTROL_KEY_SECRET = "threegnet-control-key"  # the Kubernetes Secret holding it, under the key CONTROL_KEY_SECRET_KEY
+CONTROL_KEY_SECRET_KEY = "control-key"
+CONTROL_KEY_MOUNT = "/var/run/secrets/threegnet"  # where pods mount that Secret (the file: MOUNT/SECRET_KEY)
+# Only these paths are data plane: what a load balancer or Ingress forwards to a replica.
+DATA_PLANE_HTTP_PATHS = ("/v2/health/", "/v2/models/")  # plus GET /v2 (server metadata)
+DATA_PLANE_GRPC_METHODS = (
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "ModelStreamInfer",
+)  # fmt: skip
+# The export names a model's partners after it: NAME_image (image bytes in), NAME_classifier (tensors in,
+# probabilities only) and NAME_image_classifier; clients find them by these names.
+IMAGE_MODEL_SUFFIX = "_image"
+CLASSIFIER_SUFFIX = "_classifier"

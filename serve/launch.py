@@ -12,6 +12,13 @@ non-zero with Triton's reason when it cannot start, and when Triton dies.
 While it serves, it supervises (``serve/supervisor.py``): a model whose backend
 process dies is reloaded, and a new version exported into the repository (or a
 version pinned with ``serve/versions.py``) is loaded without a restart.
+
+Locked by default: Triton's control plane (loading and unloading models, configs,
+shared memory, statistics, trace, logging) answers only requests carrying the
+operators' key, read from --control-key-file, else the file $THREEGNET_CONTROL_KEY_FILE
+names, else $THREEGNET_CONTROL_KEY, else made at random for this run (then only the
+launcher itself can use it). Inference, health and metadata stay open unless
+--inference-key-file is given too. See docs/security.md.
 """
 
 from __future__ import annotations
@@ -20,10 +27,19 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 from serve.children import on_stop_signals
+from serve.control import (
+    CONTROL_KEY_HEADER,
+    INFERENCE_KEY_HEADER,
+    MAY_BE_PUBLIC,
+    ControlKeyError,
+    read_key,
+    resolve_key,
+)
 from serve.endpoints import EXIT_TIMEOUT_S, GRPC_PORT, HTTP_PORT, METRICS_PORT
-from serve.server import ServerError, TritonServer
+from serve.server import GrpcTls, ServerError, TritonServer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +70,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds between looks for new versions in the repository (default 2; 0: never)",
     )
     p.add_argument("--no-self-heal", action="store_true", help="do not reload a model whose backend process died")
+    lock = p.add_argument_group("security (docs/security.md)")
+    lock.add_argument(
+        "--control-key-file",
+        metavar="FILE",
+        help="the operators' key for the control plane (default: $THREEGNET_CONTROL_KEY_FILE, "
+        "$THREEGNET_CONTROL_KEY, else a random key for this run)",
+    )
+    lock.add_argument(
+        "--inference-key-file",
+        metavar="FILE",
+        help=f"also lock inference: clients send this key in the '{INFERENCE_KEY_HEADER}' header (default: open)",
+    )
+    lock.add_argument(
+        "--public",
+        nargs="+",
+        default=[],
+        choices=MAY_BE_PUBLIC,
+        metavar="CATEGORY",
+        help=f"leave these open to everyone ({', '.join(MAY_BE_PUBLIC)}); e.g. model-config for Triton's "
+        "stock example clients. Loading models always needs the key",
+    )
+    lock.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate")
+    lock.add_argument("--grpc-tls-key", metavar="PEM", help="the certificate's private key")
+    lock.add_argument(
+        "--grpc-tls-client-ca", metavar="PEM", help="mutual TLS: only clients whose certificate this CA signed"
+    )
     p.add_argument("triton_args", nargs=argparse.REMAINDER, help="after --: more tritonserver flags")
     return p.parse_args(argv)
 
@@ -65,6 +107,19 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     extra = args.triton_args[1:] if args.triton_args[:1] == ["--"] else args.triton_args
+    if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key) or (args.grpc_tls_client_ca and not args.grpc_tls_cert):
+        log("error: gRPC TLS needs both --grpc-tls-cert and --grpc-tls-key (and them for --grpc-tls-client-ca)")
+        return 2
+    try:
+        control_key, key_origin = resolve_key(args.control_key_file)
+        inference_key = read_key(args.inference_key_file, "inference key") if args.inference_key_file else None
+    except ControlKeyError as e:
+        log(f"error: {e}")
+        return 2
+    tls = None
+    if args.grpc_tls_cert:
+        ca = Path(args.grpc_tls_client_ca) if args.grpc_tls_client_ca else None
+        tls = GrpcTls(Path(args.grpc_tls_cert), Path(args.grpc_tls_key), ca)
     server = TritonServer(
         args.model_repository,
         host=args.host,
@@ -78,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         extra_args=extra,
         heal=not args.no_self_heal,
         poll_secs=args.repository_poll_secs,
+        control_key=control_key,
+        inference_key=inference_key,
+        grpc_tls=tls,
+        public=tuple(args.public),
     )
     stopping = []
 
@@ -106,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"no onnxruntime backend here: serving {', '.join(server.standin_models)} through onnxruntime "
                 "in the python backend"
             )
+        if not server.secrets_hidden:
+            log("warning: no C compiler to build serve/secret_args.c: the keys are on tritonserver's command line, "
+                "readable by every local user (install gcc, or set $THREEGNET_SECRET_ARGS_LIB)")  # fmt: skip
         server.wait_ready(args.timeout)
     except ServerError as e:
         log(f"error: {e}")
@@ -113,11 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     if stopping:
         return server.stop() or 0
     models = ", ".join(f"{m['name']} (v{m.get('version', '?')})" for m in server.models())
+    locked = f"Locked: {', '.join(server.lock.restricted)} need the '{CONTROL_KEY_HEADER}' header ({key_origin})"
+    if inference_key:
+        locked += f"; inference needs the '{INFERENCE_KEY_HEADER}' header"
+    if tls:
+        locked += "; gRPC over mutual TLS" if tls.client_ca else "; gRPC over TLS"
     log(
         f"\nTriton is ready. Models: {models}\n"
         f"  HTTP     http://{server.http_url}  (KServe v2: /v2/models/<name>/infer)\n"
         f"  gRPC     {server.grpc_url}\n"
         f"  metrics  {server.metrics_url}\n"
+        f"{locked}.\n"
         "Ctrl-C to stop."
     )
     status = server.process.wait()

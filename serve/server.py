@@ -30,7 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve.children import die_with_parent
+from serve.control import Lock, grpc_headers, http_headers, resolve_key, secret_args_library
 from serve.endpoints import (
+    CONTROL_KEY_ENV,
+    CONTROL_KEY_FILE_ENV,
     EXIT_TIMEOUT_S,
     GRPC_PORT,
     HTTP_PORT,
@@ -45,6 +48,14 @@ from serve.supervisor import Supervisor
 # Lines of Triton's log that are noise on a machine without a GPU.
 _NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM unable to start")
 _ERROR_LINE = re.compile(r"^(E\d{4} |error: |Error: )")
+# glibc malloc settings for tritonserver and the python-backend stubs (they inherit its environment);
+# the environment's own MALLOC_* win. By default a freed buffer over 128 KiB raises the mmap threshold
+# to its size, so the next request bodies and decode buffers come from arenas that are never given back:
+# 8 bursts of 200 12 MP JPEGs left tritonserver at 590 MB (from 50). A fixed threshold (which also
+# stops that adjustment) mmaps large buffers and unmaps them when freed; two arenas bound what the
+# HTTP threads hold. Measured on the 2-core CPU (docs/hostile-requests-notes.md): the tree's PSS
+# 10 s after the bursts went from 687 to 235 MB (idle 229 and 180).
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "262144", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 
 
 class ServerError(RuntimeError):
@@ -61,6 +72,25 @@ class ServerBinary:
     env: dict[str, str] = field(default_factory=dict)
     wheel_backends: Path | None = None  # the wheel's backends/ (its python stub lives elsewhere)
     wheel_stubs: Path | None = None
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """gRPC over TLS with Triton's own flags; mutual TLS (a client needs a certificate that
+    ``client_ca`` signed) when ``client_ca`` is given. Triton's HTTP has no TLS: terminate it in front."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def triton_args(self) -> list[str]:
+        for what, path in (("certificate", self.cert), ("key", self.key), ("client CA", self.client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise ServerError(f"gRPC TLS {what} {path}: no such file")
+        args = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
+        if self.client_ca is not None:
+            args += [f"--grpc-root-cert={self.client_ca}", "--grpc-use-ssl-mutual=true"]
+        return args
 
 
 def find_server(explicit: str | os.PathLike | None = None) -> ServerBinary:
@@ -148,6 +178,10 @@ class TritonServer(Addresses):
         extra_args: list[str] | None = None,
         heal: bool = True,
         poll_secs: float = 2.0,
+        control_key: str | None = None,
+        inference_key: str | None = None,
+        grpc_tls: GrpcTls | None = None,
+        public: tuple[str, ...] = (),
     ) -> None:
         # Object storage (s3://, gs://, as://) is read by Triton itself: nothing to check or shadow here.
         self.remote = "://" in str(model_repository)
@@ -165,6 +199,13 @@ class TritonServer(Addresses):
         self.exit_timeout = exit_timeout  # how long shutdown waits for in-flight requests and open connections
         self.extra_args = list(extra_args or [])
         self.heal, self.poll_secs = heal, poll_secs
+        if control_key is None:
+            control_key, self.control_key_origin = resolve_key()
+        else:
+            self.control_key_origin = "the caller"
+        self.lock = Lock(control_key, inference_key, public)
+        self.grpc_tls = grpc_tls
+        self.secrets_hidden = True  # False when no secret_args library could be had (see serve/control.py)
         self.supervisor: Supervisor | None = None
         self.lines: collections.deque[str] = collections.deque(maxlen=400)
         self.process: subprocess.Popen | None = None
@@ -174,10 +215,20 @@ class TritonServer(Addresses):
         self.shadow: Path | None = None  # the stand-in's shadow of the repository, if any
         self._reader: threading.Thread | None = None
 
-    # -- addresses -------------------------------------------------------------------------
+    # -- addresses and keys ----------------------------------------------------------------
     @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}{METRICS_PATH}"
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        """What an HTTP request to the control plane (load, unload, config, statistics...) carries."""
+        return http_headers(self.lock.control_key)
+
+    @property
+    def grpc_control_headers(self) -> dict[str, str]:
+        """The same as gRPC metadata."""
+        return grpc_headers(self.lock.control_key)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _check_repository(self) -> None:
@@ -213,6 +264,15 @@ class TritonServer(Addresses):
             self.standin_models = build_shadow_repository(repository, self.shadow, gpu=gpu_present())
             repository = self.shadow
         control = [] if self._user_control_mode() else ["--model-control-mode=explicit", "--load-model=*"]
+        lock = self.lock.triton_args()
+        if (shim := secret_args_library(work)) is not None:
+            self.binary.env["LD_PRELOAD"] = " ".join(p for p in (str(shim), os.environ.get("LD_PRELOAD")) if p)
+            self.binary.env.update(self.lock.env)
+        else:  # no compiler and no prebuilt library: the keys go on the command line as they are
+            self.secrets_hidden = False
+            for name, value in self.lock.env.items():
+                lock = [a.replace(f"@env:{name}", value) for a in lock]
+        tls = self.grpc_tls.triton_args() if self.grpc_tls is not None else []
         return [
             *cmd,
             "--model-repository", str(repository),
@@ -222,6 +282,8 @@ class TritonServer(Addresses):
             "--log-verbose", str(self.log_verbose),
             "--exit-timeout-secs", str(self.exit_timeout),
             *control,
+            *lock,
+            *tls,
             *self.extra_args,
         ]  # fmt: skip
 
@@ -248,7 +310,7 @@ class TritonServer(Addresses):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.binary.env},
+            env=self._environment(),
             start_new_session=True,  # our own process group: signals reach the stubs too
             preexec_fn=die_with_parent,  # no server outlives its owner
             text=True,
@@ -257,6 +319,13 @@ class TritonServer(Addresses):
         self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
         return self
+
+    def _environment(self) -> dict[str, str]:
+        """Ours, less the operators' key as the launcher was given it: Triton and the backends it starts
+        get it only through the lock's own variables, which the preloaded library removes again."""
+        assert self.binary is not None
+        env = {k: v for k, v in os.environ.items() if k not in (CONTROL_KEY_ENV, CONTROL_KEY_FILE_ENV)}
+        return {**MALLOC_ENV, **env, **self.binary.env}
 
     def _read_output(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -299,6 +368,8 @@ class TritonServer(Addresses):
                     f"tritonserver exited with status {self.process.returncode}:\n  " + "\n  ".join(reasons)
                 )
             if self.is_ready():
+                if not self._user_control_mode():
+                    self._check_lock()
                 self._supervise()
                 return self
             time.sleep(0.25)
@@ -318,16 +389,32 @@ class TritonServer(Addresses):
             poll_secs=0 if self.remote else self.poll_secs,  # a remote repository: roll out by restarting pods
             heal=self.heal,
             log=self.log or (lambda line: self.lines.append(line)),
+            headers=self.control_headers,
         )
         self.supervisor.start()
 
     def models(self) -> list[dict]:
-        """The repository index: name, version and state of every model."""
+        """The repository index: name, version and state of every model (asked with the operators' key)."""
         req = urllib.request.Request(
-            f"http://{self.host}:{self.http_port}/v2/repository/index", data=b"{}", method="POST"
+            f"http://{self.host}:{self.http_port}/v2/repository/index",
+            data=b"{}",
+            method="POST",
+            headers=self.control_headers,
         )
         with urllib.request.urlopen(req, timeout=5) as r:
             return json.loads(r.read())
+
+    def _check_lock(self) -> None:
+        """The key Triton expects is the one we hold (a secret_args library that failed to load would
+        leave Triton expecting the placeholder): otherwise no one could operate the server."""
+        try:
+            self.models()
+        except urllib.error.HTTPError as e:
+            self.stop()
+            raise ServerError(
+                f"tritonserver does not accept the operators' key (HTTP {e.code}): its control plane would be "
+                "unusable; is serve/secret_args.c's library loadable here?"
+            ) from None
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Graceful shutdown (SIGTERM: Triton finishes in-flight requests), then SIGKILL

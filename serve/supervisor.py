@@ -1,11 +1,12 @@
 """Keeping a running Triton's models serving: self-healing and zero-downtime rollouts.
 
 Triton runs with ``--model-control-mode=explicit``; this thread, beside it in the
-launcher, uses Triton's own repository API (``/v2/repository/models/<name>/load|unload``):
+launcher, uses Triton's own repository API (load, unload, index) through ``tritonclient``,
+with the operators' key (serve/control.py):
 
 * **Self-healing.** A python-backend model runs in stub processes (children of
   ``tritonserver``). When one dies (SIGKILL, segfault, the OOM killer), Triton 2.51
-  neither restarts it nor stops calling the model ready (DESIGN §5). The supervisor
+  neither restarts it nor stops calling the model ready (docs/operations.md). The supervisor
   sees the stub vanish within ``HEAL_TICK`` seconds, unloads the model (from then on
   the model's and, through the ensemble that needs it, the server's readiness are
   not 200, and requests fail at once with "unknown model") and loads it again.
@@ -18,16 +19,17 @@ launcher, uses Triton's own repository API (``/v2/repository/models/<name>/load|
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from serve.standin import model_dirs, refresh_shadow_model
 
@@ -96,9 +98,12 @@ class Supervisor(threading.Thread):
         poll_secs: float = 2.0,
         heal: bool = True,
         log: Callable[[str], None] = print,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(name="triton-supervisor", daemon=True)
         self.http_url, self.server_pid = http_url, server_pid
+        self.headers = headers  # the operators' key: the repository API is locked without it
+        self._client: httpclient.InferenceServerClient | None = None
         self.repository, self.shadow, self.gpu = repository, shadow, gpu
         self.poll_secs, self.heal = poll_secs, heal
         self.log = log
@@ -114,36 +119,42 @@ class Supervisor(threading.Thread):
         self.rollouts = 0
 
     # -- Triton's API --------------------------------------------------------------------
-    def _request(self, path: str, body: dict | None = None, timeout: float = 600) -> tuple[int, bytes]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=data, method="POST" if data else "GET")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
+    @property
+    def client(self) -> httpclient.InferenceServerClient:
+        if self._client is None:  # made in the supervising thread: the HTTP client is not thread-safe
+            self._client = httpclient.InferenceServerClient(self.http_url, network_timeout=600)
+        return self._client
 
     def load(self, name: str) -> str | None:
         """Load (or reload) ``name``; None when it worked, else Triton's error."""
-        status, body = self._request(f"/v2/repository/models/{name}/load", {})
-        return None if status == 200 else _error(body)
+        try:
+            self.client.load_model(name, headers=self.headers)
+        except InferenceServerException as e:
+            return e.message() or str(e)
+        return None
 
     def unload(self, name: str) -> str | None:
-        status, body = self._request(f"/v2/repository/models/{name}/unload", {})
-        return None if status == 200 else _error(body)
+        try:
+            self.client.unload_model(name, headers=self.headers)
+        except InferenceServerException as e:
+            return e.message() or str(e)
+        return None
+
+    def _index(self) -> list[dict[str, Any]]:
+        try:
+            return self.client.get_model_repository_index(headers=self.headers)
+        except InferenceServerException:
+            return []
 
     def _expected_processes(self, model: str) -> int:
         """Stub processes a READY python model should have: ready versions x instances."""
-        status, body = self._request("/v2/repository/index", {}, timeout=5)
-        if status != 200:
-            return 0
-        ready = sum(1 for m in json.loads(body) if m.get("name") == model and m.get("state") == "READY")
+        ready = sum(1 for m in self._index() if m.get("name") == model and m.get("state") == "READY")
         if not ready:
             return 0
-        status, body = self._request(f"/v2/models/{model}/config", timeout=5)
-        if status != 200:
+        try:
+            config = self.client.get_model_config(model, headers=self.headers)
+        except InferenceServerException:
             return 0
-        config = json.loads(body)
         if config.get("backend") != "python":
             return 0
         return ready * sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or ready
@@ -242,11 +253,8 @@ class Supervisor(threading.Thread):
         )
 
     def _ready_versions(self, name: str) -> list[str]:
-        status, body = self._request("/v2/repository/index", {}, timeout=5)
-        if status != 200:
-            return []
         return sorted(
-            (str(m.get("version")) for m in json.loads(body) if m.get("name") == name and m.get("state") == "READY"),
+            (str(m.get("version")) for m in self._index() if m.get("name") == name and m.get("state") == "READY"),
             key=lambda v: int(v) if v.isdigit() else -1,
         )
 
@@ -254,10 +262,3 @@ class Supervisor(threading.Thread):
 def _is_ensemble(model_dir: Path) -> bool:
     config = model_dir / "config.pbtxt"
     return config.exists() and 'platform: "ensemble"' in config.read_text()
-
-
-def _error(body: bytes) -> str:
-    try:
-        return json.loads(body).get("error", body.decode(errors="replace"))
-    except (ValueError, AttributeError):
-        return body.decode(errors="replace")

@@ -1,7 +1,9 @@
-"""bench/run.py --quick: every benchmark part runs and writes its tables. No timing is asserted."""
+"""bench/run.py --quick: every benchmark part runs and writes its tables (no timing is asserted); the load
+generator's bookkeeping; the studies stay importable (bench/studies/, run on demand)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -9,7 +11,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-PART_FILES = ("model_speed", "head_share", "low_precision", "serving", "overload", "decoding", "payloads")
+PART_FILES = ("model_speed", "low_precision", "serving", "overload", "payloads")
+STUDIES = ("decoding", "head_share", "int8", "reproduce_paper", "serving_sweep")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,7 @@ def test_quick_run_writes_json_and_markdown_for_every_part(quick_run):
     for name in (*PART_FILES, "bench"):
         assert (out / f"{name}.json").is_file(), name
         assert (out / f"{name}.md").read_text().strip(), name
+    assert not any((out / f"{name}.json").exists() for name in STUDIES)  # the studies run on demand only
     assert "## CPU benchmarks" in proc.stdout
 
 
@@ -54,8 +58,6 @@ def test_quick_run_records_the_machine_and_the_ratios(quick_run):
             "onnxruntime_fraction_of_peak",
         ):
             assert row[key] > 0, key
-    head = data["head"]["summary"]
-    assert 0 < head["b1"]["head_share_time"] < 1 and 0 < head["head_share_flop"] < 1
     precision = data["precision"]
     assert 0 <= precision["int8_top1_agreement"] <= 1 and precision["int8_speedup"] > 0
     serving = data["serving"]
@@ -65,7 +67,14 @@ def test_quick_run_records_the_machine_and_the_ratios(quick_run):
         ("http", "tensor"),
         ("http", "bytes"),
     }
-    assert all(r["requests"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in serving["rows"])
+    assert all(r["requests"] > 0 and r["p999_ms"] >= r["p99_ms"] >= r["p90_ms"] >= r["p50_ms"] > 0
+               for r in serving["rows"])  # fmt: skip
+    # Triton's own statistics over the measured windows (their edges cut a request or two either way).
+    for row in serving["rows"]:
+        server = row["server"]
+        assert abs(server["requests"] - row["requests"]) <= 2 * 2 * row["concurrency"], (server, row["requests"])
+        assert server["queue_ms_per_request"] >= 0 and server["compute_ms_per_request"] > 0, server
+        assert sum(server["batch_sizes"].values()) == server["executions"], server
     assert set(serving["wire_bytes_per_image"]) == {"grpc_tensor", "grpc_bytes", "http_tensor", "http_bytes"}
     overload = data["overload"]
     assert overload["capacity_per_s"] > 0
@@ -73,12 +82,9 @@ def test_quick_run_records_the_machine_and_the_ratios(quick_run):
         (v, level) for v in ("queue policy (shipped)", "no queue policy") for level in (0.5, 2.0)
     }
     for row in overload["rows"]:
-        assert row["answered"] + row["refused"] + row["other_failures"] == row["sent"] > 0
+        assert row["answered"] + row["refused"] + row["failed"] == row["sent"] > 0
         assert row["ready_after"] and row["rss_mb_after"] > 0
     assert overload["policy_at_2x"]["level"] == 2.0
-    decoding = data["decoding"]["rows"][0]
-    assert decoding["photos"] == 16 and 0 <= decoding["top1_agreement"] <= 1
-    assert decoding["decode_ms"]["fast"] > 0 and decoding["decode_ms"]["exact"] > 0
     payloads = data["payloads"]
     assert set(payloads["bytes_vs_tensor"]) == {"12 MP JPEG", "12 MP HEIC", "3 MP PNG", "256 px JPEG"}
     assert all(r["bytes_images_per_s"] > 0 and r["tensor_images_per_s"] > 0 for r in payloads["rows"])
@@ -100,8 +106,8 @@ def test_quick_run_records_the_machine_and_the_ratios(quick_run):
 def test_quick_run_markdown_holds_the_tables(quick_run):
     out, _ = quick_run
     text = (out / "bench.md").read_text()
-    headings = ("### Targets", "### Model speed", "### Where the time goes", "### Low precision", "### Serving",
-                "### Overload", "### Fast vs exact decoding", "### Realistic payloads")  # fmt: skip
+    headings = ("### Targets", "### Model speed", "### Low precision", "### Serving", "### Overload",
+                "### Realistic payloads")  # fmt: skip
     for heading in headings:
         assert heading in text, heading
     assert "| batch |" in text and "flags:" in text  # the tables and the machine they were measured on
@@ -117,3 +123,29 @@ def test_gpu_harness_without_a_gpu_says_so_and_exits_0():
     )
     assert proc.returncode == 0
     assert "no CUDA GPU found" in proc.stdout
+
+
+def test_load_counts_refusals_apart_from_failures_and_pools_windows():
+    from bench.load import combine, summarize
+    from client.inference import OVERLOAD_MESSAGES
+
+    window = summarize(
+        [(0.01, None), (0.03, None), (0.002, f"[StatusCode.UNAVAILABLE] {OVERLOAD_MESSAGES[0]}"), (1.0, "reset")],
+        seconds=2.0,
+        server_counts={"requests": 3, "inferences": 3, "executions": 2, "queue_ns": 3_000_000, "batch_1": 1,
+                       "batch_2": 1},
+    )  # fmt: skip
+    assert (window["sent"], window["answered"], window["refused"], window["failed"]) == (4, 2, 1, 1)
+    assert window["images_per_s"] == 1.0 and window["p50_ms"] == pytest.approx(20.0)
+    assert window["refusal_max_ms"] == pytest.approx(2.0)
+    assert window["server"]["mean_batch"] == 1.5 and window["server"]["queue_ms_per_request"] == 1.0
+    assert window["server"]["batch_sizes"] == {1: 1, 2: 1}
+    pooled = combine([window, window])
+    assert (pooled["sent"], pooled["answered"], pooled["seconds"]) == (8, 4, 4.0)
+    assert pooled["server"]["executions"] == 4 and pooled["server"]["mean_batch"] == 1.5
+
+
+def test_studies_stay_importable():
+    """The studies are out of make bench and run on demand; importing each keeps them from rotting unnoticed."""
+    for name in STUDIES:
+        assert callable(importlib.import_module(f"bench.studies.{name}").main), name

@@ -63,13 +63,22 @@ def test_parse_classes_sorts_and_keeps_colons_in_labels():
     assert [(p.index, p.label, p.probability) for p in parsed] == [(1, "c", 0.5), (0, "d", 0.25), (3, "a:b", 0.25)]
 
 
-def test_describe_finds_the_ensemble_and_the_preprocessing(classifier):
+def test_a_locked_server_is_described_from_its_metadata_alone(classifier):
+    """The launcher keeps configs to its operators: what a client learns comes from the open metadata."""
     info = classifier.describe()
     assert (info.name, info.image_model, info.version) == ("threegnet", "threegnet_image", "1")
-    assert (info.arch, info.num_classes, info.max_batch_size) == ("resnet18_3g", 4, 32)
-    assert info.preprocessing == PP
+    assert (info.num_classes, info.input_size) == (4, PP.crop)
     assert (info.tensor_input, info.bytes_input, info.classes_output) == ("image", "image_bytes", "probabilities")
     assert info.has_weight_map
+    assert (info.arch, info.max_batch_size, info.preprocessing) == ("", 0, None)  # in the config: private
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_with_the_operators_key_the_config_adds_the_preprocessing_and_batch_size(triton, protocol):
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    info = TritonClassifier(url, protocol, control_key=triton.lock.control_key).describe()
+    assert (info.arch, info.num_classes, info.max_batch_size) == ("resnet18_3g", 4, 32)
+    assert info.preprocessing == PP
 
 
 def test_naming_the_ensemble_finds_the_tensor_model(triton):
@@ -108,12 +117,13 @@ def test_a_bad_image_fails_its_request_with_the_server_message(classifier):
         classifier.classify_bytes([b"this is text, not a picture"])
 
 
-def test_missing_model_lists_the_ready_ones(triton):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_missing_model_is_named_with_the_server(triton, protocol):
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
     with pytest.raises(ModelUnavailable) as e:
-        TritonClassifier(triton.http_url, "http", model="resnet_nope").describe()
+        TritonClassifier(url, protocol, model="resnet_nope").describe()
     message = str(e.value)
-    assert "'resnet_nope'" in message and triton.http_url in message
-    assert "ready models: threegnet, threegnet_classifier, threegnet_image, threegnet_image_classifier," in message
+    assert "'resnet_nope' is not on the server" in message and url in message
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -149,10 +159,12 @@ def test_concurrent_requests_from_threads(classifier, reference):
 
 
 def test_client_code_never_imports_torch():
-    """Client machines need no torch: not directly, not through training/ or export/."""
+    """Client machines need no torch: not directly, not through training/ or export/; of serve/ only the
+    stdlib-only facts of the served protocol (endpoints, the key headers)."""
     code = (
         "import sys, client.predict, client.demo; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'export', 'serve')); "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'export', 'serve') "
+        "and m not in ('serve', 'serve.endpoints', 'serve.control')); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -1,11 +1,13 @@
 """deploy/kubernetes: every manifest passes `kubernetes-validate --strict` for a current Kubernetes,
-the overlays' patches apply, and the probes, ports, paths and image are the project's own constants
-(serve/endpoints.py), the same ones the launcher and the container use."""
+the overlays' patches apply, and the probes, ports, paths, image, operators' key and the Ingress's
+data-plane routes are the project's own constants (serve/endpoints.py), the same ones the launcher
+and the container use."""
 
 from __future__ import annotations
 
 import copy
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,12 @@ from conftest import ROOT
 
 from serve.endpoints import (
     CONTAINER_REPOSITORY,
+    CONTROL_KEY_FILE_ENV,
+    CONTROL_KEY_MOUNT,
+    CONTROL_KEY_SECRET,
+    CONTROL_KEY_SECRET_KEY,
+    DATA_PLANE_GRPC_METHODS,
+    DATA_PLANE_HTTP_PATHS,
     EXIT_TIMEOUT_S,
     GRPC_PORT,
     HTTP_PORT,
@@ -27,6 +35,7 @@ from serve.endpoints import (
 )
 
 KUBE = ROOT / "deploy" / "kubernetes"
+OVERLAYS = [KUBE, KUBE / "object-storage", KUBE / "grpc-tls", KUBE / "training"]
 K8S_VERSION = "1.37.0"
 MANIFESTS = sorted(p for p in KUBE.rglob("*.yaml") if p.name != "kustomization.yaml")
 
@@ -62,12 +71,15 @@ def build(folder: Path) -> list[dict]:
 
 
 def json_patch(document: dict, op: dict) -> None:
-    *parents, last = [int(p) if p.isdigit() else p for p in op["path"].strip("/").split("/")]
+    keys = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].strip("/").split("/")]
+    *parents, last = [int(p) if p.isdigit() else p for p in keys]
     node = document
     for key in parents:
         node = node[key]
     if op["op"] == "remove":
         del node[last]
+    elif op["op"] == "add" and last == "-":
+        node.append(copy.deepcopy(op["value"]))
     elif op["op"] in ("add", "replace"):
         if op["op"] == "replace":
             node[last]
@@ -86,12 +98,34 @@ def test_every_manifest_passes_strict_validation(manifest):
     assert "passed" in result.stdout and "ERROR" not in result.stdout
 
 
-@pytest.mark.parametrize("folder", [KUBE, KUBE / "object-storage", KUBE / "training"], ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", OVERLAYS, ids=lambda p: p.name)
 def test_each_kustomization_builds_into_valid_resources(folder):
     resources = build(folder)
     assert resources
     for resource in resources:
         kubernetes_validate.validate(resource, K8S_VERSION, strict=True)  # raises on any error
+    # Everything lives in the kustomization's own namespace, written in each manifest too (so
+    # `kubectl apply -f` and checkov, which read the files as they are, see it).
+    namespace = kustomization(KUBE / "training" if folder.name == "training" else KUBE / "base")["namespace"]
+    assert namespace != "default"
+    for resource in resources:
+        if resource["kind"] == "Namespace":
+            assert resource["metadata"]["name"] == namespace
+            assert resource["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        else:
+            assert resource["metadata"]["namespace"] == namespace, resource["metadata"]["name"]
+    assert [r for r in resources if r["kind"] == "Namespace"]
+    assert [r for r in resources if r["kind"] == "NetworkPolicy"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (its built-in kustomize)")
+@pytest.mark.parametrize("folder", OVERLAYS, ids=lambda p: p.name)
+def test_kubectls_own_kustomize_builds_the_same_resources(folder):
+    """The real kustomize (which, unlike build() above, refuses a base that contains its overlay)."""
+    result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rendered = {(r["kind"], r["metadata"]["name"]) for r in yaml.safe_load_all(result.stdout) if r}
+    assert rendered == {(r["kind"], r["metadata"]["name"]) for r in build(folder)}
 
 
 def container(resources: list[dict]) -> dict:
@@ -114,7 +148,7 @@ def test_the_fleet_uses_the_projects_ports_probes_paths_and_image():
     assert int(args[args.index("--exit-timeout") + 1]) == EXIT_TIMEOUT_S
     assert args[args.index("--host") + 1] == "0.0.0.0"
     assert {m["mountPath"]: m.get("readOnly") for m in c["volumeMounts"]}[CONTAINER_REPOSITORY] is True
-    assert c["image"] == IMAGE and kustomization(KUBE)["images"][0]["name"] == IMAGE
+    assert c["image"] == IMAGE and kustomization(KUBE / "base")["images"][0]["name"] == IMAGE
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     # Rollouts lose no capacity; stopping gives Triton its whole drain time.
     assert deployment["spec"]["replicas"] >= 2
@@ -180,3 +214,119 @@ def test_the_training_job_resumes_from_the_shared_checkpoint_volume():
     service = next(r for r in resources if r["kind"] == "Service")
     assert service["spec"]["clusterIP"] == "None" and pod["subdomain"] == service["metadata"]["name"]
     assert f"{job['metadata']['name']}-0.{service['metadata']['name']}:" in command  # the rendezvous host
+
+
+def test_the_fleet_reads_the_operators_key_from_its_secret():
+    pod = next(r for r in build(KUBE) if r["kind"] == "Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env[CONTROL_KEY_FILE_ENV] == f"{CONTROL_KEY_MOUNT}/{CONTROL_KEY_SECRET_KEY}"
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == CONTROL_KEY_MOUNT)
+    assert mount["readOnly"] is True
+    secret = next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]
+    assert secret["secretName"] == CONTROL_KEY_SECRET and not secret.get("optional")  # no key: the pod waits
+    assert secret["items"] == [{"key": CONTROL_KEY_SECRET_KEY, "path": CONTROL_KEY_SECRET_KEY}]
+    assert secret["defaultMode"] & 0o007 == 0  # not world-readable: the server reads it through fsGroup
+    # The launcher takes every argument the Deployment and the overlays give it.
+    from serve.launch import parse_args
+
+    for folder in (KUBE, KUBE / "object-storage", KUBE / "grpc-tls"):
+        args = parse_args(container(build(folder))["args"])
+        assert args.model_repository and not args.triton_args
+
+
+def ingress_paths(name: str) -> list[dict]:
+    ingress = next(r for r in build(KUBE) if r["kind"] == "Ingress" and r["metadata"]["name"] == name)
+    assert ingress["spec"]["tls"][0]["secretName"] and ingress["spec"]["tls"][0]["hosts"] == [
+        ingress["spec"]["rules"][0]["host"]
+    ]  # TLS for the very host served
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/use-regex"] == "true"
+    return [path for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+
+
+def nginx_matches(paths: list[dict], url_path: str) -> bool:
+    """ingress-nginx with use-regex: `location ~* ^PATH` (case-insensitive, anchored at the start)."""
+    return any(re.match("^" + p["path"], url_path, re.IGNORECASE) for p in paths)
+
+
+def test_the_http_ingress_forwards_only_the_data_plane():
+    paths = ingress_paths("threegnet-http")
+    service_ports = {
+        p["name"]: p["port"] for p in next(r for r in build(KUBE) if r["kind"] == "Service")["spec"]["ports"]
+    }
+    for p in paths:
+        assert p["pathType"] == "ImplementationSpecific" and p["path"].endswith("$")  # anchored: no prefix leaks
+        assert p["path"] == "/v2$" or p["path"].startswith(DATA_PLANE_HTTP_PATHS)
+        assert service_ports[p["backend"]["service"]["port"]["name"]] == HTTP_PORT
+    data_plane = [
+        "/v2", LIVE_PATH, READY_PATH, "/v2/models/threegnet", "/v2/models/threegnet/versions/2",
+        "/v2/models/threegnet_image/infer", "/v2/models/threegnet/versions/1/infer", "/v2/models/threegnet/ready",
+        "/v2/models/threegnet_image_classifier/versions/3/ready",
+    ]  # fmt: skip
+    control_plane = [
+        "/v2/repository/index", "/v2/repository/models/threegnet/load", "/v2/repository/models/threegnet/unload",
+        "/v2/models/threegnet/config", "/v2/models/threegnet/versions/1/config", "/v2/models/stats",
+        "/v2/models/STATS", "/v2/models/threegnet/stats", "/v2/models/threegnet/versions/1/stats",
+        "/v2/systemsharedmemory/status", "/v2/systemsharedmemory/region/r/register", "/v2/cudasharedmemory/status",
+        "/v2/trace/setting", "/v2/models/threegnet/trace/setting", "/v2/logging", "/v2/models/threegnet/generate",
+        "/metrics", "/", "/v2/", "/v2/health", "/v2/healthz", "/v2/models", "/v2/models/",
+    ]  # fmt: skip
+    assert [p for p in data_plane if not nginx_matches(paths, p)] == []
+    assert [p for p in control_plane if nginx_matches(paths, p)] == []
+
+
+def test_the_grpc_ingress_forwards_exactly_the_data_plane_methods():
+    paths = ingress_paths("threegnet-grpc")
+    methods = []
+    for p in paths:
+        match = re.fullmatch(r"/inference\\\.GRPCInferenceService/(\w+)\$", p["path"])
+        assert match, p["path"]
+        methods.append(match.group(1))
+        assert p["backend"]["service"]["port"]["name"] == "grpc"
+    assert sorted(methods) == sorted(DATA_PLANE_GRPC_METHODS)
+    ingress = next(r for r in build(KUBE) if r["metadata"]["name"] == "threegnet-grpc")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    for control in ("RepositoryIndex", "RepositoryModelLoad", "ModelConfig", "ModelStatistics", "TraceSetting",
+                    "LogSettings", "SystemSharedMemoryRegister", "CudaSharedMemoryStatus"):  # fmt: skip
+        assert not nginx_matches(paths, f"/inference.GRPCInferenceService/{control}")
+    assert not nginx_matches(paths, "/inference.GRPCInferenceService/ModelInferX")
+
+
+def test_only_the_ingress_controller_and_prometheus_reach_the_replicas():
+    resources = build(KUBE)
+    policy = next(r for r in resources if r["kind"] == "NetworkPolicy")
+    labels = next(r for r in resources if r["kind"] == "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"} and policy["spec"]["egress"] == []
+    allowed = {}
+    for rule in policy["spec"]["ingress"]:
+        (peer,) = rule["from"]  # namespace AND pod selector in one peer, not two peers (which would be OR)
+        source = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        assert peer["podSelector"]["matchLabels"]
+        allowed[source] = sorted(p["port"] for p in rule["ports"])
+    assert allowed == {"ingress-nginx": [HTTP_PORT, GRPC_PORT], "monitoring": [METRICS_PORT]}
+    # The object-storage overlay opens DNS and HTTPS, nothing more.
+    egress = next(r for r in build(KUBE / "object-storage") if r["kind"] == "NetworkPolicy")["spec"]["egress"]
+    assert sorted(p["port"] for rule in egress for p in rule["ports"]) == [53, 53, 443]
+
+
+def test_the_grpc_tls_overlay_serves_mutual_tls_from_its_secret():
+    resources = build(KUBE / "grpc-tls")
+    pod = next(r for r in resources if r["kind"] == "Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    from serve.launch import parse_args
+
+    args = parse_args(c["args"])
+    secret = next(v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "threegnet-grpc-tls")
+    mount = next(m for m in c["volumeMounts"] if m["name"] == secret["name"])
+    assert mount["readOnly"] is True
+    assert (args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_client_ca) == tuple(
+        f"{mount['mountPath']}/{name}" for name in ("tls.crt", "tls.key", "ca.crt")
+    )  # the keys of a kubernetes.io/tls Secret, plus the client CA
+    ingress = next(r for r in resources if r["metadata"]["name"] == "threegnet-grpc")["metadata"]["annotations"]
+    assert ingress["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
+    assert ingress["nginx.ingress.kubernetes.io/proxy-ssl-verify"] == "on"
+    grpc = next(
+        p for p in next(r for r in resources if r["kind"] == "Service")["spec"]["ports"] if p["port"] == GRPC_PORT
+    )
+    assert "appProtocol" not in grpc  # no longer cleartext h2c

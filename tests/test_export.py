@@ -380,3 +380,38 @@ def test_released_resnet50_3g_exports_and_reproduces_pytorch(tmp_path):
     np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=1e-3, atol=1e-3)
     assert wmap.shape == (2, 14, 14)
     np.testing.assert_allclose(wmap, ref_wmap.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "", ".", "..", "a/b", "/abs", ".hidden", "sp ace"])
+def test_name_must_be_a_model_name_inside_the_repository(tiny_checkpoint, tmp_path, capsys, name):
+    repo = tmp_path / "place" / "repo"
+    assert export_main(["--checkpoint", str(tiny_checkpoint), "--output-dir", str(repo), "--name", name]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: --name ")
+    assert snapshot(tmp_path) == {}  # nothing written, in the repository or beside it
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stripes\nchecks\nstripes\nblobs\n", "duplicate labels: 'stripes' (lines 1, 3)"),
+        ("stripes\n\nchecks\nblobs\nnoise\n", "blank line 2: one label per line"),
+        ("\nstripes\nchecks\n \nblobs\n", "blank lines 1, 4: one label per line"),
+    ],
+)
+def test_labels_with_duplicates_or_blank_lines_are_refused(tiny_checkpoint, tmp_path, capsys, text, message):
+    labels = tmp_path / "labels.txt"
+    labels.write_text(text)
+    args = ["--checkpoint", str(tiny_checkpoint), "--output-dir", str(tmp_path / "r"), "--labels", str(labels)]
+    assert export_main(args) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert line == f"error: {labels}: {message}" or line.startswith(f"error: {labels}: {message}"), line
+    assert not (tmp_path / "r" / "threegnet").exists()
+
+
+def test_blank_lines_at_the_end_of_a_labels_file_are_fine(tiny_checkpoint, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("w\nx\ny\nz\n\n\n")
+    repo = tmp_path / "r"
+    assert export_main(["--checkpoint", str(tiny_checkpoint), "--output-dir", str(repo), "--labels", str(labels)]) == 0
+    assert (repo / "threegnet" / "labels.txt").read_text() == "w\nx\ny\nz\n"

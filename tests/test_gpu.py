@@ -103,7 +103,7 @@ def test_triton_serves_the_repository_on_the_gpu(model_repository, tiny_checkpoi
                           exit_timeout=3)  # fmt: skip
     with server:
         c = grpcclient.InferenceServerClient(server.grpc_url)
-        config = c.get_model_config("threegnet", as_json=True)["config"]
+        config = c.get_model_config("threegnet", as_json=True, headers=server.grpc_control_headers)["config"]
         assert config["parameters"]["onnxruntime_device"]["string_value"] == "cuda"
         x = np.random.default_rng(2).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
         inp = grpcclient.InferInput("image", list(x.shape), "UINT8")

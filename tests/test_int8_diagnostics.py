@@ -1,5 +1,5 @@
-"""Where the INT8 flips come from: bench/bit_widths.py (the INT8 graph re-run at other bit widths
-rounds what it says and nothing else) and bench/low_precision.py --sensitivity (one module at a time)."""
+"""Where the INT8 flips come from: bench/studies/int8.py's bit widths (the INT8 graph re-run at other bit
+widths rounds what it says and nothing else) and its sensitivity (one module at a time)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from bench.bit_widths import _activation_grid, simulate
 from bench.common import Settings, build_serving, export, images
+from bench.studies.int8 import _activation_grid, simulate
 from export.precision import quantize_int8
 
 OUTPUTS = ("probabilities", "logits", "weight_map")
@@ -115,7 +115,7 @@ def test_rounded_weights_keep_the_per_channel_grid(quantized, tmp_path):
 
 
 def test_study_reports_every_configuration_against_fp32(quantized, tmp_path):
-    from bench.bit_widths import CONFIGURATIONS, HEADERS, study
+    from bench.studies.int8 import CONFIGURATIONS, HEADERS, study
     from export.verify import probabilities
 
     fp32, int8, prepared, x = quantized
@@ -130,7 +130,7 @@ def test_study_reports_every_configuration_against_fp32(quantized, tmp_path):
 
 
 def test_sensitivity_quantizes_one_module_at_a_time(quantized, tmp_path):
-    from bench.low_precision import sensitivity
+    from bench.studies.int8 import sensitivity
 
     fp32, _, _, x = quantized
     rows, markdown = sensitivity(fp32, images(16, 64), x, tmp_path)

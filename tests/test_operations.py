@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ROOT, TINY_CLASSES
+from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
 from tritonclient.utils import InferenceServerException
 
 from client.inference import OVERLOAD_MESSAGES, ServerOverloaded, TritonClassifier
@@ -198,9 +198,10 @@ def failure_count(server: TritonServer) -> float:
 
 @pytest.mark.slow
 def test_a_burst_far_over_capacity_is_refused_with_the_overload_error_and_the_server_stays_ready(tight_server):
-    config = json.loads(
-        urllib.request.urlopen(f"http://{tight_server.http_url}/v2/models/threegnet/config", timeout=5).read()
+    request = urllib.request.Request(
+        f"http://{tight_server.http_url}/v2/models/threegnet/config", headers=tight_server.control_headers
     )
+    config = json.loads(urllib.request.urlopen(request, timeout=5).read())
     policy = config["dynamic_batching"]["default_queue_policy"]
     assert policy["max_queue_size"] == 1 and policy["default_timeout_microseconds"] == 200_000
 
@@ -266,7 +267,8 @@ def test_predict_reports_overload_per_image_and_goes_on(tight_server, tmp_path):
         (folder / f"img_{i:02d}.png").write_bytes(png(70, 70, seed=i))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "client" / "predict.py"), str(folder), "--url", tight_server.grpc_url,
-         "--json", "--batch-size", "1", "--concurrency", "16", "--retries", "0", "--send", "tensor"],
+         "--json", "--batch-size", "1", "--concurrency", "16", "--retries", "0", "--send", "tensor",
+         "--resize", str(TINY_PREPROCESSING["resize"])],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     lines = [json.loads(line) for line in proc.stdout.splitlines()]

@@ -168,3 +168,45 @@ def test_the_files_people_upload_are_classified(triton, model_repository, tmp_pa
     assert sorted(records) == sorted(expected)  # .heic and .avif found in the folder too
     for path, record in records.items():
         check_top_k(record, expected[path], 2)
+
+
+def names_the_other_port(result: subprocess.CompletedProcess, url: str) -> str:
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    (line,) = result.stderr.splitlines()  # one line, no traceback
+    assert line.startswith("error: cannot ") and url in line
+    return line
+
+
+def test_http_sent_to_the_grpc_port_is_one_error_line(triton, images):
+    result = predict(str(images), "--protocol", "http", "--url", triton.grpc_url, "--retries", "0")
+    line = names_the_other_port(result, triton.grpc_url)
+    assert "the answer is not HTTP" in line and "is it the gRPC port? (--protocol grpc)" in line
+
+
+def test_grpc_sent_to_the_http_port_is_one_error_line(triton, images):
+    names_the_other_port(predict(str(images), "--url", triton.http_url, "--retries", "0"), triton.http_url)
+
+
+def test_a_url_with_the_protocols_scheme_is_accepted_and_chooses_the_protocol(triton, images):
+    for args in (("--url", f"http://{triton.http_url}"), ("--url", f"http://{triton.http_url}/", "--protocol", "http"),
+                 ("--url", f"grpc://{triton.grpc_url}")):  # fmt: skip
+        result = predict(str(images / "img0.png"), "--json", *args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
+        assert len(json_lines(result.stdout)) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--url", "http://127.0.0.1:8000", "--protocol", "grpc"), "is an http address but --protocol is grpc"),
+        (("--url", "https://127.0.0.1:8000"), "unsupported scheme 'https://'"),
+        (("--url", "http://127.0.0.1:8000/v2/models"), "without a path"),
+    ],
+)
+def test_a_url_that_contradicts_the_protocol_is_one_error_line(images, args, message):
+    """Refused before any connection (no server needed), with the exit status for bad arguments."""
+    result = predict(str(images), *args)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: --url ") and message in line

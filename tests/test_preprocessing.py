@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import io
+import random
+import struct
+import warnings
 
 import numpy as np
 import pytest
 from photos import photos
-from PIL import Image
+from PIL import Image, ImageCms
 from torchvision import transforms
 
 from threegnet_preprocessing import (
+    MAX_ASPECT,
+    MAX_IMAGE_BYTES,
     MAX_PIXELS,
+    MAX_RESIZED_PIXELS,
     ImageError,
     Preprocessing,
+    check_size,
     load_and_preprocess,
     open_image,
     preprocess,
@@ -168,3 +175,186 @@ def test_the_exact_path_is_still_torchvisions():
     ref = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])(img)
     np.testing.assert_array_equal(load_and_preprocess(encode(img, "PNG"), fast=False), np.asarray(ref))
     assert not np.array_equal(load_and_preprocess(encode(img, "PNG")), np.asarray(ref))  # box pre-shrink
+
+
+# -- hostile uploads: the work is bounded from the header, and every decoder failure is an ImageError --
+
+
+def thin_png(width: int, height: int) -> bytes:
+    """A few KB that decode to a thin image: 8 x 100000 is 0.8 Mpx, under the pixel cap."""
+    return encode(Image.new("L", (width, height)), "PNG")
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Fails the test if any pixel is decoded: the refusal must come from the header alone."""
+    from PIL import ImageFile
+
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size))
+    yield
+    assert decoded == [], f"pixels decoded before the refusal: {decoded}"
+
+
+@pytest.mark.parametrize("size", [(8, 100_000), (250_000, 8), (100, 2_500)])
+def test_thin_images_are_refused_from_the_header(size, no_decoding):
+    with pytest.raises(ImageError, match=r"aspect ratio of [\d.]+:1, over the limit of 20:1"):
+        load_and_preprocess(thin_png(*size), Preprocessing(resize=73, crop=64))
+
+
+def test_the_aspect_limit_keeps_panoramas_and_long_screenshots():
+    assert load_and_preprocess(thin_png(16, 16 * 20), Preprocessing(resize=73, crop=64)).shape == (64, 64, 3)
+    assert load_and_preprocess(thin_png(4000, 1000)).shape == (224, 224, 3)  # a 4:1 phone panorama
+    with pytest.raises(ImageError, match="aspect ratio"):
+        open_image(thin_png(16, 16 * 20 + 1))
+
+
+def test_the_resized_intermediate_is_bounded(no_decoding):
+    # 10:1 is a fine aspect ratio, but resizing its shorter side to 2000 would make 2000 x 20000 pixels.
+    with pytest.raises(ImageError, match=r"resized to a shorter side of 2000 it would be 20000 pixels long"):
+        load_and_preprocess(thin_png(100, 1000), Preprocessing(resize=2000, crop=224))
+
+
+def test_check_size_names_each_limit():
+    check_size(4032, 3024, resize=256)  # a camera photo
+    check_size(8200, 410, resize=256)  # 20:1 exactly
+    for args, reason in [
+        ((7, 100), "both sides must be >= 8"),
+        ((8193, 8192), "decompression bomb guard"),
+        ((21, 420 + 1), "aspect ratio"),
+        ((1000, 10_000, 4096), "over the limit of"),
+    ]:
+        with pytest.raises(ImageError, match=reason):
+            check_size(*args)
+    assert MAX_ASPECT * 256 * 256 <= MAX_RESIZED_PIXELS  # the usual resize never hits the second bound
+
+
+def test_oversized_encoded_bytes_are_refused_unread():
+    with pytest.raises(ImageError, match=f"over the limit of {MAX_IMAGE_BYTES}"):
+        open_image(b"\xff\xd8\xff" + bytes(MAX_IMAGE_BYTES))
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "TGA", "PCX", "PPM", "SGI", "EPS"])
+def test_formats_nobody_uploads_are_not_decoded(fmt):
+    img = noise_image(32, 32).convert("L" if fmt == "EPS" else "RGB")
+    try:
+        data = encode(img, fmt)
+    except OSError:  # EPS needs Ghostscript to write; its header alone is enough here
+        data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n"
+    with pytest.raises(ImageError, match="not an image"):
+        open_image(data)
+
+
+def _with_exif(fmt: str, exif: bytes | Image.Exif, **kw) -> bytes:
+    return encode(noise_image(56, 40), fmt, exif=exif, **kw)
+
+
+def _tiff_ifd(entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """A little-endian EXIF block (TIFF header + one IFD) written entry by entry, malformed on purpose."""
+    body = struct.pack("<H", len(entries))
+    for tag, kind, count, value in sorted(entries):
+        body += struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0")[:4]
+    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + body + struct.pack("<I", 0)
+
+
+def _zero_box(data: bytes, box: bytes) -> bytes:
+    """An ISO-BMFF (HEIC/AVIF) file with 8 bytes after a box's type zeroed."""
+    i = data.index(box) + len(box)
+    return data[:i] + bytes(8) + data[i + 8 :]
+
+
+def _regressions() -> dict[str, bytes]:
+    """Inputs that made the decoders raise something other than ImageError (found by the mutation
+    corpus below, then rebuilt here from what they mean rather than kept as files)."""
+    not_tiff = b"Exif\x00\x00MM_*\x00\x00\x00\x08"  # an EXIF block whose TIFF header is broken
+    orientation = (0x0112, 3, 1, struct.pack("<H", 6))
+    float_model = (0x0110, 11, 1, struct.pack("<f", 1.0))  # camera model, an ASCII tag, typed FLOAT
+    avif = encode(noise_image(56, 40), "AVIF")
+    return {
+        # exif_transpose rewrites the EXIF after turning the image: AttributeError on the FLOAT tag
+        "jpeg_exif_malformed_tag": _with_exif("JPEG", _tiff_ifd([orientation, float_model])),
+        "webp_exif_not_tiff": _with_exif("WEBP", not_tiff),  # SyntaxError from exif_transpose
+        "png_exif_not_tiff": _with_exif("PNG", not_tiff),
+        "heic_exif_not_tiff": _with_exif("HEIF", not_tiff),
+        "avif_no_image_item": _zero_box(avif, b"iloc"),  # RuntimeError from the AVIF decoder
+        "avif_corrupt_planes": _zero_box(avif, b"mdat"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_regressions()))
+def test_decoder_failures_on_malformed_files_are_image_errors(name):
+    with pytest.raises(ImageError) as e:
+        load_and_preprocess(_regressions()[name], Preprocessing(resize=73, crop=64))
+    assert "\n" not in str(e.value) and "/" not in str(e.value)  # one line, no paths
+
+
+def test_exif_and_icc_that_parse_still_apply():
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for fmt in ("JPEG", "PNG", "WEBP", "AVIF"):  # (pillow-heif turns HEIC by the container's own rotation)
+        assert open_image(_with_exif(fmt, exif, icc_profile=icc)).size == (40, 56), fmt
+
+
+def _seeds() -> dict[str, bytes]:
+    """One small file of each accepted format, with EXIF (orientation 6) and an ICC profile where the
+    format carries them."""
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Camera"
+    img = noise_image(56, 40)
+    frames = [img, noise_image(56, 40, seed=1)]
+    return {
+        "jpeg": encode(img, "JPEG", exif=exif, icc_profile=icc, quality=80),
+        "jpeg_progressive": encode(img, "JPEG", exif=exif, progressive=True),
+        "png": encode(img, "PNG", exif=exif, icc_profile=icc),
+        "gif": encode(img, "GIF", save_all=True, append_images=frames[1:]),
+        "webp": encode(img, "WEBP", exif=exif, icc_profile=icc),
+        "tiff": encode(img, "TIFF", exif=exif, compression="tiff_deflate"),
+        "bmp": encode(img, "BMP"),
+        "avif": encode(img, "AVIF", exif=exif),
+        "heic": encode(img, "HEIF", exif=exif),
+    }
+
+
+EXTREMES = (b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff", b"\x80\x00\x00\x00")
+
+
+def _mutations(data: bytes, seed: int, count: int) -> list[bytes]:
+    """Truncations at 40 points, then ``count`` copies with 1-8 bytes flipped, replaced, or overwritten
+    by an extreme 32-bit value (lengths, offsets and sizes in headers): a deterministic corpus."""
+    rng = random.Random(seed)
+    out = [data[: len(data) * i // 40] for i in range(1, 40)]
+    for _ in range(count):
+        b = bytearray(data)
+        for _ in range(rng.choice((1, 2, 4, 8))):
+            i, op = rng.randrange(len(b)), rng.random()
+            if op < 0.5:
+                b[i] = rng.randrange(256)
+            elif op < 0.75:
+                b[i] ^= 1 << rng.randrange(8)
+            else:
+                b[i : i + 4] = rng.choice(
+                    (b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff", b"\x80\0\0\0")
+                )
+        out.append(bytes(b))
+    return out
+
+
+@pytest.mark.parametrize("fmt", sorted(_seeds()))
+def test_mutated_files_of_every_format_only_ever_raise_image_errors(fmt):
+    """About 240 damaged copies of each format through the served decode path: each either decodes
+    to the model input or raises ImageError with a one-line reason; nothing else escapes."""
+    pp = Preprocessing(resize=73, crop=64)
+    outcomes = {"decoded": 0, "refused": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about the EXIF it skips
+        for data in _mutations(_seeds()[fmt], seed=sum(fmt.encode()), count=200):
+            try:
+                assert load_and_preprocess(data, pp).shape == (64, 64, 3)
+                outcomes["decoded"] += 1
+            except ImageError as e:
+                assert "\n" not in str(e) and "Traceback" not in str(e)
+                outcomes["refused"] += 1
+    assert outcomes["refused"] > 0, outcomes

@@ -134,7 +134,7 @@ def test_metadata_and_config_endpoints(triton):
     meta = c.get_model_metadata("threegnet_image")
     assert meta["inputs"] == [{"name": "image_bytes", "datatype": "BYTES", "shape": [-1, 1]}]
     assert {o["name"] for o in meta["outputs"]} == {"probabilities", "logits", "weight_map"}
-    config = c.get_model_config("threegnet")
+    config = c.get_model_config("threegnet", headers=triton.control_headers)  # locked: the operators' key
     assert config["max_batch_size"] == 32 and config["parameters"]["image_model"]["string_value"] == "threegnet_image"
     assert c.get_model_metadata("threegnet")["inputs"][0]["datatype"] == "UINT8"
     assert config["parameters"]["session.intra_op.allow_spinning"]["string_value"] == "0"

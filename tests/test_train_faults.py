@@ -1,4 +1,5 @@
-"""Training as real processes: killed mid-epoch and resumed; two gloo ranks under torchrun."""
+"""Training as real processes (killed mid-epoch and resumed; two gloo ranks under torchrun) and on
+data or folders it cannot use: one error line, exit 2, no checkpoint of an untrained model."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from training import distributed
 from training.checkpoint import load_model
+from training.data import ImageFolderData, check_classes, collate_skipping
+from training.engine import evaluate
+from training.model import create_model
 from training.synthetic import generate
+from training.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -83,3 +89,47 @@ def test_two_gloo_processes_under_torchrun(tmp_path):
     loaded = load_model(out / "checkpoint.pth.tar")
     assert loaded.raw["epoch"] == 2 and loaded.raw["args"]["batch_size"] == 4
     assert not any(k.startswith("module.") for k in loaded.raw["state_dict"])
+
+
+def unreadable(split_dir: Path) -> int:
+    """Overwrite every image of a split with bytes no decoder takes; returns how many."""
+    files = [p for p in split_dir.rglob("*.png")]
+    for path in files:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n not a picture any more")
+    return len(files)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_with_no_readable_image_stops_before_any_checkpoint(tmp_path, capsys, split):
+    data = generate(tmp_path / "data", classes=2, per_class=4, val_per_class=2, size=32, progress=False)
+    broken = unreadable(data / split)
+    out = tmp_path / "run"
+    assert train_main([str(data), *TINY, "--batch-size", "4", "--epochs", "2", "--output-dir", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"train.py: error: no readable image in {split}: all {broken} image file(s) read were unreadable "
+        f"(e.g. {captured.err.split('(e.g. ', 1)[1]}"
+    )
+    assert "corrupt or truncated image" in captured.err or "not an image" in captured.err, captured.err
+    assert "done: best val top-1" not in captured.out
+    assert sorted(p.name for p in out.iterdir()) == []  # no checkpoint, no model_best, no metrics line
+
+
+def test_a_pass_that_reads_no_image_counts_none(tmp_path):
+    """The counts recorded in metrics.jsonl come from here: 0 read means 0, not 1."""
+    data = generate(tmp_path / "data", classes=2, per_class=1, val_per_class=2, size=32, progress=False)
+    unreadable(data / "val")
+    val = ImageFolderData(data / "val", check_classes(data, ("val",)), lambda img: img)
+    batches = [collate_skipping([val[i] for i in range(len(val))])]
+    ctx = distributed.setup("cpu")
+    stats = evaluate(create_model("resnet18_3g", num_classes=2, dim=16), batches, ctx, progress=False)
+    assert (stats.images, stats.skipped, stats.loss, stats.top1) == (0, 4, 0.0, 0.0)
+
+
+def test_an_output_dir_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    data = generate(tmp_path / "data", classes=2, per_class=2, val_per_class=1, size=32, progress=False)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("keep me")
+    assert train_main([str(data), *TINY, "--batch-size", "2", "--epochs", "1", "--output-dir", str(blocker)]) == 2
+    assert capsys.readouterr().err == f"train.py: error: --output-dir {blocker} exists and is not a directory\n"
+    assert blocker.read_text() == "keep me"

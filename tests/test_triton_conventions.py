@@ -33,7 +33,10 @@ def labelled(entries: np.ndarray) -> list[tuple[float, int, str]]:
 
 def test_the_tensor_classifier_is_what_image_client_accepts(triton):
     http = httpclient.InferenceServerClient(triton.http_url)
-    meta, config = http.get_model_metadata("threegnet_classifier"), http.get_model_config("threegnet_classifier")
+    # The stock clients read model configs: the operators' key (or a launcher started with --public model-config).
+    keyed = triton.control_headers
+    meta = http.get_model_metadata("threegnet_classifier")
+    config = http.get_model_config("threegnet_classifier", headers=keyed)
     assert len(meta["inputs"]) == 1 and len(meta["outputs"]) == 1 and len(config["input"]) == 1
     output = meta["outputs"][0]
     assert output["datatype"] == "FP32" and output["shape"] == [-1, len(TINY_CLASSES)]  # a vector per image
@@ -41,7 +44,7 @@ def test_the_tensor_classifier_is_what_image_client_accepts(triton):
     assert meta["inputs"][0]["datatype"] == "UINT8" and meta["inputs"][0]["shape"] == [-1, 64, 64, 3]
     assert config["input"][0]["format"] == "FORMAT_NHWC" and config["max_batch_size"] > 0
     # The raw model itself declares its layout too, and every classification output is labelled.
-    raw = http.get_model_config("threegnet")
+    raw = http.get_model_config("threegnet", headers=keyed)
     assert raw["input"][0]["format"] == "FORMAT_NHWC"
     assert {o["name"] for o in raw["output"] if o.get("label_filename")} == {"probabilities", "logits"}
 
@@ -65,7 +68,8 @@ def test_the_tensor_classifier_classifies_like_the_raw_model(triton, protocol):
 def test_the_bytes_classifier_is_what_ensemble_image_client_accepts(triton):
     for module, c in clients(triton):
         meta = c.get_model_metadata("threegnet_image_classifier")
-        config = c.get_model_config("threegnet_image_classifier")
+        keyed = triton.grpc_control_headers if module is grpcclient else triton.control_headers
+        config = c.get_model_config("threegnet_image_classifier", headers=keyed)
         if module is grpcclient:
             meta = {"inputs": [{"name": i.name, "datatype": i.datatype, "shape": list(i.shape)} for i in meta.inputs],
                     "outputs": [{"name": o.name} for o in meta.outputs]}  # fmt: skip

@@ -10,6 +10,7 @@ loaded with ``weights_only=True``: a checkpoint is data, never code.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -193,23 +194,51 @@ def make_checkpoint(
     }
 
 
+def os_error_in(e: BaseException) -> OSError | None:
+    """The :class:`OSError` behind ``e``: itself, or one it was raised from or while handling
+    (``torch.save`` reports a failed write as "enforce fail at inline_container.cc", with the
+    ``OSError`` only as its context)."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def describe_os_error(e: OSError) -> str:
+    """What went wrong, in words: "no space left on device" for ENOSPC."""
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    return e.strerror or str(e) or type(e).__name__
+
+
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
 
-    A process killed mid-write leaves the previous file intact, never a torn one.
+    A process killed mid-write leaves the previous file intact, never a torn one. A
+    write that fails (a full disk, a read-only folder) removes the temporary file and
+    raises :class:`CheckpointError` saying why ("no space left on device").
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        cause = os_error_in(e) if isinstance(e, Exception) else None
+        if cause is None:
+            raise
+        raise CheckpointError(f"cannot write {path}: {describe_os_error(cause)}") from e
     return path
 
 

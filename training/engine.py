@@ -79,11 +79,11 @@ def _bar(iterable: Iterable, ctx: Context, progress: bool, desc: str, total: int
 
 def _finish(sums: Sequence[Tensor | float], seconds: float, skipped: list[Unreadable], ctx: Context) -> EpochStats:
     loss, correct1, correct5, n, n_skipped = all_reduce_sum([float(s) for s in sums] + [float(len(skipped))], ctx)
-    n = max(n, 1.0)
+    per_image = 1.0 / n if n else 0.0  # no image read: true counts, zero averages (the caller decides)
     return EpochStats(
-        loss=loss / n,
-        top1=100.0 * correct1 / n,
-        top5=100.0 * correct5 / n,
+        loss=loss * per_image,
+        top1=100.0 * correct1 * per_image,
+        top5=100.0 * correct5 * per_image,
         images=int(n),
         seconds=seconds,
         skipped=int(n_skipped),

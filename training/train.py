@@ -8,6 +8,14 @@ DATA_DIR holds ``train/<class>/*`` and ``val/<class>/*``. Every epoch writes
 OUTPUT_DIR/checkpoint.pth.tar (atomically; ``--resume`` continues from it),
 OUTPUT_DIR/model_best.pth.tar (best val top-1, weights only) and one JSON line in
 OUTPUT_DIR/metrics.jsonl. Explicit flags override the ``--recipe`` values.
+
+Exit status:
+  0    done (or nothing left to do)
+  1    the loss became inf or nan
+  2    bad flags or data (a missing split, an empty class, a split with no readable
+       image), an unusable checkpoint, or an OUTPUT_DIR that cannot be written (not a
+       folder, no space left on device); no checkpoint of the failing epoch is written
+  130  interrupted; rerun with --resume
 """
 
 from __future__ import annotations
@@ -29,7 +37,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from threegnet_preprocessing import Preprocessing
 from training import distributed
-from training.checkpoint import CheckpointError, load_model, make_checkpoint, save_atomic
+from training.checkpoint import (
+    CheckpointError,
+    describe_os_error,
+    load_model,
+    make_checkpoint,
+    save_atomic,
+)
 from training.data import (
     DataError,
     ImageFolderData,
@@ -139,6 +153,27 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     for failed, message in problems:
         if failed:
             raise UsageError(message)
+
+
+def prepare_output_dir(out: Path, create: bool) -> None:
+    """Refuse an OUTPUT_DIR that is not a folder (before any work); ``create`` it on the main rank."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} exists and is not a directory")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--output-dir {out}: cannot create it ({describe_os_error(e)})") from None
+
+
+def check_read(split: str, stats: EpochStats) -> None:
+    """A pass that read no image at all trains or measures nothing: stop before saving it."""
+    if stats.images == 0:
+        examples = "; ".join(f"{u.path}: {u.reason}" for u in stats.skipped_examples[:3])
+        raise DataError(
+            f"no readable image in {split}: all {stats.skipped} image file(s) read were unreadable"
+            + (f" (e.g. {examples})" if examples else "")
+        )
 
 
 def resume_path(args: argparse.Namespace) -> Path | None:
@@ -288,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
         train_set = ImageFolderData(args.data / "train", classes, train_transform(pp, args.min_scale))
     source = resume_path(args) or args.finetune
     model, arch, raw = build_model(args, classes, source)
+    if not args.evaluate:
+        prepare_output_dir(args.output_dir, create=distributed.env_rank() == 0)
 
     ctx = distributed.setup(args.device)  # after every check: bad input never waits on a rendezvous
     check_args(args, ctx.world_size)
@@ -310,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate:
         stats = evaluate(net, val_loader, ctx, amp=amp, channels_last=channels_last, progress=progress)
         warn_skipped("val", stats)
+        check_read("val", stats)
         crops = "10-crop" if args.ten_crop else "1-crop"
         result = {"checkpoint": str(source), "protocol": f"{crops} {pp.crop} of {pp.resize}"}
         result |= {"val_loss": round(stats.loss, 4), "val_top1": round(stats.top1, 3)}
@@ -338,7 +376,6 @@ def run(args: argparse.Namespace) -> int:
     train_loader = loader(train_set, per_rank, sampler, args, cuda)
     out = args.output_dir
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         trim_metrics(out / METRICS, start_epoch)
         for stale in out.glob(".*.pth.tar.*.tmp"):  # left by a process killed inside save_atomic
             stale.unlink()
@@ -356,7 +393,9 @@ def run(args: argparse.Namespace) -> int:
             net, train_loader, optimizer, ctx, desc=f"{tag} train", amp=amp, scaler=scaler,
             channels_last=channels_last, max_steps=args.max_steps_per_epoch, frozen=frozen, progress=progress,
         )  # fmt: skip
+        check_read("train", train)  # on every rank (the counts are summed over ranks): all stop together
         val = evaluate(net, val_loader, ctx, desc=f"{tag} val", amp=amp, channels_last=channels_last, progress=progress)
+        check_read("val", val)
         scheduler.step()
         is_best = val.top1 > best_top1 or epoch == start_epoch == 0
         best_top1 = max(best_top1, val.top1)
@@ -365,8 +404,11 @@ def run(args: argparse.Namespace) -> int:
             continue
         warn_skipped("train", train)
         warn_skipped("val", val)
-        with open(out / METRICS, "a") as f:  # before the checkpoint: see trim_metrics
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(out / METRICS, "a") as f:  # before the checkpoint: see trim_metrics
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise CheckpointError(f"cannot write {out / METRICS}: {describe_os_error(e)}") from None
         ckpt = make_checkpoint(
             model, arch=arch, class_names=classes, preprocessing=pp, args=vars(args), epoch=epoch + 1,
             metrics=record, optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),

@@ -16,53 +16,25 @@ Models: ResNet50-3G at 224 px with a head trained on built-in textures (the mode
 ``bench/low_precision.py``), and the demo model (``model_repository/threegnet``, after
 ``make demo``) when it is there.
 
-    .venv/bin/python bench/decoding.py [--quick] [--demo-repository model_repository]
+    .venv/bin/python -m bench.studies.decoding [--quick] [--demo-repository model_repository]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.common import ROOT, Settings, entry, log, md_table, run_part, stage
+from bench.payloads import CAMERA, NOISE_SIGMA, QUALITY, camera_photos
 
-CAMERA = (4032, 3024)  # a 12 MP phone photo, landscape
-NOISE_SIGMA = 4.7  # sensor noise, in 8-bit levels: with it the photos are 2.6 MB, the issue's phone photo
-QUALITY = 92
 CHUNK = 16
 DEMO_RENDER = 128  # pipeline/demo.py's training images
-
-
-def camera_photos(
-    classes: int, per_class: int, render_size: int, seed: int = 7, shot: int = 0
-) -> Iterator[tuple[bytes, int]]:
-    """(JPEG bytes, label) of held-out-style textures rendered at ``render_size``, as 12 MP photos
-    (see the module docstring); labels index ``training.synthetic.CLASSES``. Another ``shot``
-    photographs the same scenes again: only the sensor noise differs."""
-    from PIL import Image
-
-    from training.synthetic import CLASSES, image_rng, render
-
-    w, h = CAMERA
-    noise = np.random.default_rng([seed, shot] if shot else seed).normal(0, NOISE_SIGMA, (h, w, 3))
-    noise = noise.astype(np.float32)
-    for i in range(per_class):
-        for label in range(classes):
-            rng = image_rng(seed, "val", label, i)
-            square = Image.fromarray(render(CLASSES[label], render_size, rng)).resize((h, h), Image.Resampling.BICUBIC)
-            pad = (w - h) // 2
-            pixels = np.pad(np.asarray(square, dtype=np.float32), ((0, 0), (pad, w - h - pad), (0, 0)), "reflect")
-            pixels = np.clip(pixels + np.roll(noise, i * 97, axis=1), 0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, format="JPEG", quality=QUALITY)
-            yield buf.getvalue(), label
 
 
 def _simplejpeg_path(resize: int, crop: int) -> Callable[[bytes], np.ndarray] | None:

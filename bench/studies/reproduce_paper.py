@@ -8,8 +8,8 @@ schedule, seed and epochs, differing only in the head:
   the iSQRT-COV-style head);
 - ``3g``: the 3-stage global generalized-Gaussian head (3G-Net).
 
-    python bench/reproduce_paper.py                 # all three, two seeds: ~16 min on an idle 2-core CPU
-    python bench/reproduce_paper.py --models 3g     # one row of the table
+    python -m bench.studies.reproduce_paper                 # all three, two seeds
+    python -m bench.studies.reproduce_paper --models 3g     # one row of the table
 
 Writes ``bench/results/reproduce_paper.{md,json}``. Final-epoch val top-1 is reported (no
 model selection on the val split); a couple of seeds give an idea of the spread.
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from bench.common import entry
+from bench.common import RESULTS, entry
 from threegnet_preprocessing import Preprocessing
 from training import distributed
 from training.data import ImageFolderData, check_classes, collate_skipping, eval_transform, train_transform
@@ -40,7 +40,6 @@ from training.engine import evaluate, train_one_epoch
 from training.model import create_model
 from training.synthetic import generate
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
     "gap": "ResNet-18 + global average pooling",
     "isqrt": "ResNet-18 + iSQRT-COV-style head (0 stages)",
@@ -166,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for name in args.models:
         runs = [train_and_evaluate(name, data, args, seed) for seed in args.seeds]
-        command = shlex.join(["python", "bench/reproduce_paper.py", "--models", name, *shared])
+        command = shlex.join(["python", "-m", "bench.studies.reproduce_paper", "--models", name, *shared])
         rows.append(
             {"model": name, "command": command, "mean_val_top1": mean(r["val_top1"] for r in runs), "runs": runs}
         )

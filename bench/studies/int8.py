@@ -1,6 +1,7 @@
-"""How many bits the INT8 model would need: its QDQ graph re-run with other bit widths.
+"""Where the INT8 model's top-1 changes come from: one module group quantized at a time
+(``--sensitivity``), and the quantized graph re-run with other bit widths (``--bit-widths``).
 
-The INT8 recipe's top-1 changes could come from the 8-bit weights, the 8-bit activations or both,
+Bit widths: the INT8 recipe's top-1 changes could come from the 8-bit weights, the 8-bit activations or both,
 and no calibration choice tells them apart. Here the quantized model itself is rewritten: every
 activation Quantize/Dequantize pair gets N bits over the same calibrated range (onnxruntime's
 ``com.microsoft`` Q/DQ take 16-bit integers), or is removed; every weight is re-rounded to M bits
@@ -9,18 +10,23 @@ runs these graphs in fp32 arithmetic on the rounded values: a simulation (no fas
 for 10-bit activations), exact where nothing is rounded (a test checks that), close to the real
 INT8 kernels at 8/8.
 
-    .venv/bin/python bench/low_precision.py --bit-widths   # the table in docs/performance.md section 3
+Both run on ``bench/low_precision.py``'s trained model (its table comes first); results in
+docs/performance.md section 3.
+
+    .venv/bin/python -m bench.studies.int8 [--quick] [--sensitivity] [--bit-widths]   # neither flag: both
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bench.common import log, md_table, stage
+from bench.common import Settings, entry, log, md_table, run_part, stage
 from export.verify import probabilities
 
 # (activation bits, weight bits); None = fp32. The first is the INT8 model as simulated here.
@@ -178,7 +184,100 @@ def study(
         f"### INT8 at other bit widths (simulated, {len(images)} held-out images)\n\n"
         + md_table(HEADERS, table)
         + "\n\nThe INT8 model's QDQ graph with its activations and weights rounded to other bit widths over the "
-        "same calibrated ranges (`bench/bit_widths.py`), run in fp32 arithmetic. The last column is the noise "
+        "same calibrated ranges (`bench/studies/int8.py`), run in fp32 arithmetic. The last column is the noise "
         "a flip needs: the rms change of log(p1 / p2), fp32's top-1 against its runner-up.\n"
     )
     return rows, markdown
+
+
+def sensitivity(fp32: Path, calibration: np.ndarray, val_x: np.ndarray, work: Path) -> tuple[list[dict], str]:
+    """Where the flips come from: one module group at a time quantized (the rest fp32), its top-1
+    changes and largest probability change against fp32 on the held-out images."""
+    from export.precision import _module_path, quantize_int8
+
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    # The modules below the model (conv1, layer1-4, fc) and the head's sub-modules (its reduce conv and
+    # re-weighting stages; its own second-order ops are never quantized), each counted by its nodes.
+    groups: dict[str, int] = {}
+    weighted: set[str] = set()
+    for node in graph.node:
+        path = _module_path(node)
+        if len(path) > 2 and path[1] == "model.head" and path[2].startswith("model.head."):
+            if path[2] == "model.head.vectorize":  # second-order: never quantized
+                continue
+            group = path[2]
+        elif len(path) > 1 and path[1].startswith("model.") and path[1] != "model.head":
+            group = path[1]
+        else:
+            continue
+        groups[group] = groups.get(group, 0) + 1
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            weighted.add(group)
+    groups = {g: n for g, n in groups.items() if g in weighted}  # a ReLU or a pool alone quantizes nothing
+    reference = probabilities(fp32, val_x)
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    rows = []
+    for group, count in groups.items():
+        out = work / f"only_{group}.onnx"
+        with stage(f"sensitivity: only {group} quantized ({count} nodes)"):
+            keep = tuple(g for g in groups if g != group)
+            quantize_int8(fp32, out, calibration, work, fp32_modules=keep, calibration_options={})
+            probs = probabilities(out, val_x)
+        differ = probs.argmax(1) != reference.argmax(1)
+        rows.append(
+            {
+                "group": group,
+                "nodes": count,
+                "top1_changes": int(differ.sum()),
+                "max_abs_diff_probability": float(np.abs(probs - reference).max()),
+                "fp32_margins_where_changed": [round(float(m), 3) for m in margin[differ]],
+            }
+        )
+        row = rows[-1]
+        log(f"   {group}: {row['top1_changes']} top-1 changes, max |Δp| {row['max_abs_diff_probability']:.3g}")
+    table = [
+        [r["group"], r["nodes"], r["top1_changes"], f"{r['max_abs_diff_probability']:.3g}",
+         ", ".join(f"{m:.3f}" for m in r["fp32_margins_where_changed"]) or "none"]
+        for r in rows
+    ]  # fmt: skip
+    markdown = "### INT8 sensitivity: one module quantized at a time\n\n" + md_table(
+        ["module", "nodes", "top-1 changes vs fp32", "max |Δp|", "fp32 margins where changed"], table
+    )
+    return rows, markdown
+
+
+def run(settings: Settings, work: Path, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from bench import low_precision
+
+    both = not (args.sensitivity or args.bit_widths)
+    kept: dict[str, Any] = {}
+    data, markdown = low_precision.run(settings, work, keep=kept)
+    if args.sensitivity or both:
+        data["sensitivity"], more = sensitivity(kept["fp32"], kept["calibration"], kept["val_x"], work)
+        markdown += "\n" + more + "\n"
+    if args.bit_widths or both:
+        probs = kept["probs"]
+        compare = {
+            "bf16 autocast (PyTorch)": probs["eager_bf16"],
+            "the INT8 model (onnxruntime kernels)": probs["onnxruntime_int8"],
+        }
+        # quantize_int8 left the fp32 model it quantized in the work folder.
+        prepared = work / "int8_prepared.onnx"
+        data["bit_widths"], more = study(
+            kept["int8"], prepared, kept["val_x"], probs["onnxruntime_fp32"], work, compare
+        )
+        markdown += "\n" + more + "\n"
+    return data, markdown
+
+
+def main() -> int:
+    def flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--sensitivity", action="store_true", help="quantize one module at a time")
+        p.add_argument("--bit-widths", action="store_true", help="re-run the INT8 graph at other bit widths")
+
+    return run_part("int8", __doc__, run, flags)
+
+
+if __name__ == "__main__":
+    entry(main)

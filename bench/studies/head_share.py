@@ -9,7 +9,7 @@ head, not modules). Nodes that onnxruntime created itself (``relu_3_nchwc``, fus
 reorders it inserts are counted apart. PyTorch: each part timed on its own input, in
 alternating rounds. Next to both, each part's share of the FLOPs.
 
-    .venv/bin/python bench/head_share.py [--quick]
+    .venv/bin/python -m bench.studies.head_share [--quick]
 """
 
 from __future__ import annotations
