@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser haproxy test test-fast lint demo bench fleet clean help
+.PHONY: setup browser haproxy prometheus test test-fast lint demo bench fleet clean help
 
 help:
 	@echo "make demo    train a small 3G-Net on built-in data, export, serve with Triton, open the demo"
@@ -39,11 +39,19 @@ haproxy:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq haproxy >/dev/null; }
 
+# Debian's Prometheus (and promtool) for the fleet rehearsal's monitoring (deploy/local_fleet.py --prometheus,
+# tests/test_monitoring.py, docs/monitoring.md).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+		echo "installing Debian's prometheus for the fleet rehearsal's monitoring"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup browser haproxy lint checkov
+test: setup browser haproxy prometheus lint checkov
 	$(PY) -m pytest
 
 # checkov, the scanner behind tests/test_least_privilege.py, in an environment of its own (its pins
@@ -71,8 +79,8 @@ demo: setup
 	$(PY) pipeline/demo.py $(if $(RETRAIN),--retrain) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 # Two replicas behind HAProxy on this machine, serving model_repository (what deploy/kubernetes runs).
-fleet: setup haproxy
-	$(PY) deploy/local_fleet.py --model-repository model_repository --replicas 2
+fleet: setup haproxy prometheus
+	$(PY) deploy/local_fleet.py --model-repository model_repository --replicas 2 --prometheus
 
 # CPU benchmarks (model speed, head share, INT8, serving overhead, overload): tables in bench/results/.
 bench: setup

@@ -41,7 +41,8 @@ class Load:
     batch of one, input ``image``) or encoded files (input ``image_bytes``).
 
     ``stats_model`` is whose statistics to report (default ``model``; for an ensemble, the model inside
-    whose batching matters)."""
+    whose batching matters). Every request gives up after ``timeout`` seconds, so a run that meets a hung
+    server still ends, with the request counted as failed."""
 
     def __init__(
         self,
@@ -53,6 +54,7 @@ class Load:
         headers: dict[str, str] | None = None,
         stats_model: str | None = None,
         input_name: str | None = None,
+        timeout: float = 30.0,
     ) -> None:
         import tritonclient.grpc as grpcclient
         import tritonclient.http as httpclient
@@ -62,9 +64,12 @@ class Load:
         self.output_names, self.headers, self.stats_model = tuple(outputs), headers, stats_model or model
         self.encoded = isinstance(items[0], bytes)
         self.input_name = input_name or ("image_bytes" if self.encoded else "image")
+        self.timeout = timeout
 
     def client(self) -> Any:
-        return self.module.InferenceServerClient(self.url)
+        if self.protocol == "grpc":
+            return self.module.InferenceServerClient(self.url)
+        return self.module.InferenceServerClient(self.url, network_timeout=self.timeout)
 
     def inputs(self, i: int) -> list[Any]:
         from tritonclient.utils import np_to_triton_dtype
@@ -81,7 +86,8 @@ class Load:
         return [self.module.InferRequestedOutput(name) for name in self.output_names]
 
     def send(self, client: Any, i: int) -> Any:
-        return client.infer(self.model, self.inputs(i), outputs=self.outputs())
+        deadline = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}  # HTTP: network_timeout
+        return client.infer(self.model, self.inputs(i), outputs=self.outputs(), **deadline)
 
     def counters(self, client: Any) -> Counter:
         """Triton's cumulative statistics for ``stats_model``, as flat counters (all versions summed)."""
@@ -142,11 +148,9 @@ class Load:
             )
         return result
 
-    def open(
-        self, rate: float, seconds: float, seed: int = 0, timeout: float = 30.0, server_pid: int | None = None
-    ) -> dict[str, Any]:
-        """Requests at Poisson times (mean ``rate``/s) for ``seconds``, whatever the server does, each with a
-        client ``timeout``; then wait for every answer (bounded: the timeout and 10 s). gRPC only."""
+    def open(self, rate: float, seconds: float, seed: int = 0, server_pid: int | None = None) -> dict[str, Any]:
+        """Requests at Poisson times (mean ``rate``/s) for ``seconds``, whatever the server does; then wait for
+        every answer (bounded: the timeout and 10 s). gRPC only."""
         if self.protocol != "grpc":
             raise ValueError("the open loop sends through gRPC's asynchronous client")
         client = self.client()
@@ -166,8 +170,8 @@ class Load:
                     outcomes.append((time.perf_counter() - sent, None if error is None else error.message()))
                 pending.release()
 
-            client.async_infer(self.model, inputs, done, outputs=outputs, client_timeout=timeout)
-        deadline = time.perf_counter() + timeout + 10
+            client.async_infer(self.model, inputs, done, outputs=outputs, client_timeout=self.timeout)
+        deadline = time.perf_counter() + self.timeout + 10
         for _ in arrivals:
             if not pending.acquire(timeout=max(0.0, deadline - time.perf_counter())):
                 break  # an answer that never came is counted as a failure below

@@ -35,7 +35,7 @@ def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> tuple[
     for variant, overrides in VARIANTS.items():
         repo = make_repository(onnx_path, settings, work / f"overload-{len(rows)}", overrides)
         with triton(repo) as server:
-            requests = load(server, "grpc", "tensor", tensors, [])
+            requests = load(server, "grpc", "tensor", tensors, [], timeout=CLIENT_TIMEOUT_S)
             if capacity is None:
                 with stage("capacity: closed loop, concurrency 4"):
                     capacity = requests.closed(4, seconds=2.0 if settings.quick else 15.0)["images_per_s"]
@@ -43,7 +43,7 @@ def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> tuple[
             for level in QUICK_LEVELS if settings.quick else LEVELS:
                 with stage(f"{variant}: {level}x capacity ({level * capacity:.1f} req/s) for {seconds:.0f} s"):
                     rss_before = server_rss_mb(server.process.pid)
-                    row = requests.open(level * capacity, seconds, seed=int(10 * level), timeout=CLIENT_TIMEOUT_S)
+                    row = requests.open(level * capacity, seconds, seed=int(10 * level))
                     answered = [lat for lat, error in row["outcomes"] if error is None]
                     row = brief(row) | {
                         "variant": variant,

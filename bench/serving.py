@@ -77,11 +77,12 @@ def triton(repo: Path) -> Any:
     return TritonServer(repo, **ports, exit_timeout=3, poll_secs=0)  # the repository does not change
 
 
-def load(server: Any, protocol: str, kind: str, tensors: np.ndarray, blobs: list[bytes]) -> Load:
+def load(server: Any, protocol: str, kind: str, tensors: np.ndarray, blobs: list[bytes], timeout: float = 30.0) -> Load:
     """One-image requests of ``kind`` ("tensor" or "bytes"); statistics of the ONNX model either way."""
     url = server.grpc_url if protocol == "grpc" else server.http_url
     model, items = (MODEL, list(tensors)) if kind == "tensor" else (f"{MODEL}_image", blobs)
-    return Load(url, model, items, protocol, headers=control_headers(server, protocol), stats_model=MODEL)
+    headers = control_headers(server, protocol)
+    return Load(url, model, items, protocol, headers=headers, stats_model=MODEL, timeout=timeout)
 
 
 def wire_bytes(requests: Load) -> dict[str, int]:

@@ -2,12 +2,14 @@
 
     python client/predict.py photo.jpg holiday/ 'scans/**/*.png'
     python client/predict.py data/demo/val --json --top-k 3
-    python client/predict.py img.png --protocol http --url 127.0.0.1:8000 --send tensor
+    python client/predict.py img.png --protocol http --url 127.0.0.1:8000 --send tensor --resize 256
+    python client/predict.py img.png --url triton.example.com:443 --ca ca.pem     # gRPC over TLS
 
 Files, folders (recursive, image suffixes only) and quoted globs. By default the
 encoded files go to the server's image-bytes ensemble, which decodes and
-preprocesses them; --send tensor preprocesses here with the record read from
-the model's config and calls the raw model. --json prints one JSON object per
+preprocesses them; --send tensor preprocesses here and calls the raw model (a
+locked server keeps the model's preprocessing record private: give --resize, the
+shorter side before the centre crop; the crop comes from the model's input). --json prints one JSON object per
 input on stdout: {"path", "top_k": [{"index", "label", "probability"}...]} or
 {"path", "error"}. Folders and ``**`` globs follow symbolic links to folders,
 entering each folder once; what they leave out (a symlink loop, a broken link) is
@@ -18,8 +20,10 @@ Exit status:
   1    some input missing, unreadable or not an image, or refused by an overloaded
        server after the retries (the others are still classified)
   2    server unreachable, not speaking --protocol at --url (the other port?), model
-       missing or not ready (also when either goes away during the run), or bad
-       arguments (a --url with a scheme other than the protocol's)
+       missing or not ready (also when either goes away during the run), a key the
+       server wants and did not get (--inference-key-file), or bad arguments (a --url
+       with a scheme other than the protocol's, --send tensor without --resize on a
+       locked server)
   130  interrupted (Ctrl-C)
 """
 

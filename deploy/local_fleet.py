@@ -18,6 +18,12 @@ when a replica dies, as in the cluster (docs/deploy.md):
   ``restartPolicy``. ``rolling_restart`` drains each replica in HAProxy before stopping it,
   as the Service's endpoint removal and the pod's ``preStop`` do.
 
+With ``--prometheus`` (on in ``make fleet``) Debian's ``prometheus`` (``make prometheus``) runs beside it on
+a loopback port, scraping every replica's metrics port each second and evaluating the fleet's alert
+rules (``deploy/kubernetes/monitoring/rules.yml``): what the cluster's Prometheus does with the
+ServiceMonitor and the PrometheusRule (docs/monitoring.md). The replicas then report latency
+quantiles too (Triton's ``--metrics-config summary_latencies=true``).
+
 Locked as the cluster is (docs/security.md): the replicas share one operators' key (from
 ``--control-key-file`` or the environment, as the launcher reads it; else random for this run),
 and HAProxy forwards only the data plane (inference, health, metadata), so the control plane is
@@ -31,7 +37,9 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,10 +58,22 @@ if str(ROOT) not in sys.path:
 
 from serve.children import Stopped, raise_on_stop_signals, spawn, stop  # noqa: E402
 from serve.control import ControlKeyError, grpc_headers, http_headers, resolve_key  # noqa: E402
-from serve.endpoints import CONTROL_KEY_ENV, DATA_PLANE_GRPC_METHODS, READY_PATH, Addresses  # noqa: E402
+from serve.endpoints import (  # noqa: E402
+    CONTROL_KEY_ENV,
+    DATA_PLANE_GRPC_METHODS,
+    METRICS_PATH,
+    READY_PATH,
+    Addresses,
+)
 from serve.server import free_port  # noqa: E402
 
 CHECK_INTERVAL_MS = 500
+RULES_FILE = ROOT / "deploy" / "kubernetes" / "monitoring" / "rules.yml"  # generated from prometheus-rule.yaml
+SCRAPE_JOB = "threegnet-triton"  # the job the ServiceMonitor gives the replicas in the cluster (its Service's name)
+SCRAPE_INTERVAL_S = 2  # the cluster scrapes every 15 s; the rehearsal's tests want to see within seconds (1 s
+# timed out on a busy 2-core machine: a replica that answers late read as down)
+# Latency quantiles (nv_inference_request_summary_us ...): off by default in Triton 2.51.
+METRICS_TRITON_ARGS = ("--metrics-config", "summary_latencies=true")
 # The data plane, as HAProxy matches a path (before any decoding: a path with % is refused): server metadata,
 # health, and a model's metadata, readiness and inference; "stats" is the statistics API, not a model.
 DATA_PLANE_PATH = r"^/v2(/health/(live|ready)|/models/[^/%]+(/versions/[0-9]+)?(/(infer|ready))?)?$"
@@ -144,6 +164,7 @@ class Replica:
     metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     starts: int = 0
+    triton_args: tuple[str, ...] = ()  # more tritonserver flags, after the launcher's ``--``
 
     control_key: str = ""  # the fleet's operators' key, handed over in the environment (never on a command line)
 
@@ -151,6 +172,8 @@ class Replica:
         cmd = [sys.executable, str(ROOT / "serve" / "launch.py"), "--model-repository", str(self.repository),
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--metrics-port", str(self.metrics_port), "--exit-timeout", "10"]  # fmt: skip
+        if self.triton_args:
+            cmd += ["--", *self.triton_args]
         self.starts += 1
         with (self.log_dir / f"{self.name}.log").open("a") as log:
             env = {**os.environ, CONTROL_KEY_ENV: self.control_key}
@@ -195,17 +218,28 @@ class Fleet(Addresses):
         restart: bool = True,
         control_key: str | None = None,
         tls: FleetTls | None = None,
+        prometheus: bool = False,
+        alert_for: str | None = None,
     ) -> None:
+        """``prometheus``: run Prometheus beside the fleet (``prometheus_url``); ``alert_for``: replace every
+        alert's ``for:`` with this duration (``"2s"``) so that tests see alerts fire within seconds."""
         if shutil.which("haproxy") is None:
             raise FleetError("no haproxy on PATH: install Debian's haproxy (make haproxy)")
+        if prometheus and shutil.which("prometheus") is None:
+            raise FleetError("no prometheus on PATH: install Debian's prometheus (make prometheus)")
         self.repository, self.host, self.restart = Path(repository), host, restart
         self.control_key = control_key if control_key is not None else resolve_key()[0]
         self.tls = tls
         self._work = tempfile.TemporaryDirectory(prefix="threegnet-fleet-")
         self.work = Path(self._work.name)
         self.replicas = [
-            Replica(f"r{i}", self.repository, self.work, control_key=self.control_key) for i in range(replicas)
-        ]
+            Replica(f"r{i}", self.repository, self.work, control_key=self.control_key,
+                    triton_args=METRICS_TRITON_ARGS if prometheus else ())
+            for i in range(replicas)
+        ]  # fmt: skip
+        self.prometheus, self.alert_for = prometheus, alert_for
+        self.prometheus_port = free_port() if prometheus else None
+        self.prometheus_process: subprocess.Popen | None = None
         self.http_port, self.grpc_port, self.stats_port = free_port(), free_port(), free_port()
         self.socket = self.work / "haproxy.sock"
         self.haproxy: subprocess.Popen | None = None
@@ -238,6 +272,54 @@ class Fleet(Addresses):
         )  # fmt: skip
 
     @property
+    def prometheus_url(self) -> str | None:
+        """Prometheus' web UI and API (``/api/v1/query``, ``/api/v1/alerts``), when it runs."""
+        return f"http://127.0.0.1:{self.prometheus_port}" if self.prometheus_port else None
+
+    def prometheus_config(self) -> str:
+        """Scrape every replica's metrics port, labelled with its name; load the fleet's alert rules."""
+        targets = [{"targets": [f"127.0.0.1:{r.metrics_port}"], "labels": {"replica": r.name}} for r in self.replicas]
+        config = {
+            "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "scrape_timeout": f"{SCRAPE_INTERVAL_S}s",
+                       "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
+            "rule_files": [str(self.work / "rules.yml")],
+            "scrape_configs": [{"job_name": SCRAPE_JOB, "metrics_path": METRICS_PATH, "static_configs": targets}],
+        }  # fmt: skip
+        return json.dumps(config, indent=2)  # YAML is a superset of JSON
+
+    def alert_rules(self) -> str:
+        """The fleet's rules file, with every ``for:`` replaced by ``alert_for`` when given."""
+        rules = RULES_FILE.read_text()
+        if self.alert_for is not None:
+            rules = re.sub(r"^(\s*)for: .*$", rf"\g<1>for: {self.alert_for}", rules, flags=re.M)
+        return rules
+
+    def _start_prometheus(self) -> None:
+        config, rules = self.work / "prometheus.yml", self.work / "rules.yml"
+        config.write_text(self.prometheus_config())
+        rules.write_text(self.alert_rules())
+        if shutil.which("promtool") is not None:
+            check = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
+            if check.returncode != 0:
+                raise FleetError(f"promtool rejected the configuration:\n{check.stdout}{check.stderr}")
+        cmd = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={self.work / 'prometheus'}",
+               f"--web.listen-address=127.0.0.1:{self.prometheus_port}", "--log.level=warn"]  # fmt: skip
+        with (self.work / "prometheus.log").open("w") as log:
+            self.prometheus_process = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.prometheus_url}/-/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.prometheus_process.poll() is not None or time.monotonic() > deadline:
+                log = (self.work / "prometheus.log").read_text()[-2000:]
+                raise FleetError(f"prometheus did not come up:\n{log}")
+            time.sleep(0.2)
+
+    @property
     def control_headers(self) -> dict[str, str]:
         """The operators' key as an HTTP header, for a replica's own port (HAProxy forwards no control plane)."""
         return http_headers(self.control_key)
@@ -263,6 +345,8 @@ class Fleet(Addresses):
             if self.haproxy.poll() is not None or time.monotonic() > deadline:
                 raise FleetError(f"haproxy did not come up:\n{(self.work / 'haproxy.log').read_text()[-2000:]}")
             time.sleep(0.2)
+        if self.prometheus:
+            self._start_prometheus()
         self._watcher.start()
         return self
 
@@ -330,6 +414,8 @@ class Fleet(Addresses):
         self._halt.set()
         if self._watcher.is_alive():
             self._watcher.join(timeout=5)
+        if self.prometheus_process is not None:
+            stop(self.prometheus_process, 5)
         if self.haproxy is not None:
             stop(self.haproxy, 5)
         for r in self.replicas:
@@ -356,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert", type=Path, help="serve HTTPS and gRPC over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="mutual TLS: only clients whose certificate this CA signed")
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="run Prometheus beside the fleet, scraping the replicas and evaluating the alerts (make prometheus)",
+    )
     args = p.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         p.error("TLS needs both --tls-cert and --tls-key (and them for --tls-client-ca)")
@@ -367,12 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     tls = FleetTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     raise_on_stop_signals()
     try:
-        with Fleet(args.model_repository, args.replicas, control_key=key, tls=tls) as fleet:
+        with Fleet(args.model_repository, args.replicas, control_key=key, tls=tls, prometheus=args.prometheus) as fleet:
             scheme = "https" if tls else "http"
+            url = fleet.prometheus_url
+            monitoring = f"  Prometheus  {url}  (alerts: {url}/alerts)\n" if url else ""
             print(
                 f"fleet of {args.replicas} replicas behind HAProxy:\n"
                 f"  {scheme.upper():5}  {scheme}://{fleet.http_url}\n  gRPC   {fleet.grpc_url}"
-                f"{' (TLS)' if tls else ''}\n  stats  http://{fleet.host}:{fleet.stats_port}/\n"
+                f"{' (TLS)' if tls else ''}\n  stats  http://{fleet.host}:{fleet.stats_port}/\n{monitoring}"
                 f"Only the data plane passes the load balancer; the replicas' control plane wants the operators' "
                 f"key ({origin}).\nCtrl-C to stop.",
                 file=sys.stderr,

@@ -79,7 +79,7 @@ def check_graph(model: onnx.ModelProto) -> dict[str, int]:
 def second_order_nodes(graph: onnx.GraphProto) -> list[str]:
     """Names of the covariance / Newton-Schulz / vectorization nodes.
 
-    These must stay in fp32 (DESIGN §1) when the rest of the model is quantized. The
+    These must stay in fp32 (docs/export.md, low precision) when the rest of the model is quantized. The
     exporter records each node's module path in its ``namespace`` metadata; the
     second-order ops are those called by the head itself or its vectorizer, not by
     its convolution stages.

@@ -2,7 +2,7 @@
 
 In both, the second-order part of the head (covariance, trace, Newton-Schulz,
 vectorization) stays in fp32: in fp16 the trace overflows and the iterations lose
-their accuracy (DESIGN §1); quantizing them to 8 bits would be worse. INT8 also keeps
+their accuracy (docs/export.md); quantizing them to 8 bits would be worse. INT8 also keeps
 the input normalization in fp32, and the layers its recipe names (:data:`FP32_MODULES`,
 chosen by measured sensitivity).
 """

@@ -11,14 +11,20 @@ Layout written for a model NAME:
     DIR/NAME_image_classifier/...    ensemble: bytes -> probabilities only (ensemble_image_client.py)
 
 Files are staged elsewhere and moved in with ``os.replace``; a version directory
-appears complete or not at all. Whatever fails (a full disk, a read-only folder, a
-stop signal turned into an exception), the staging copies (``.incoming-*``,
-``.*.tmp``) are removed and a replaced version is put back.
+appears complete or not at all. Each version also carries its completion record,
+``<version>/complete.json`` (every file's size and sha256): a copy of a version made
+by hand or by a sync tool is not atomic, and a server loads only versions whose files
+match their record (``serve/versions.py --seal`` writes one for a copied version).
+Whatever fails (a full disk, a read-only folder, a stop signal turned into an
+exception), the staging copies (``.incoming-*``, ``.*.tmp``) are removed and a
+replaced version is put back.
 """
 
 from __future__ import annotations
 
 import filecmp
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -41,6 +47,68 @@ PREPROCESSING_MODULE = ROOT / "threegnet_preprocessing.py"  # the one source of 
 
 class RepositoryError(RuntimeError):
     """The repository cannot be written as asked."""
+
+
+COMPLETION_RECORD = "complete.json"
+
+
+def _version_files(version_dir: Path) -> list[str]:
+    """The files a version is made of (relative paths), its record aside: hidden files are work
+    in progress (a sync tool's temporaries), ``__pycache__`` is the server's."""
+    found = []
+    for root, dirs, files in os.walk(version_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        found += [str((Path(root) / f).relative_to(version_dir)) for f in files if not f.startswith(".")]
+    return sorted(f for f in found if f != COMPLETION_RECORD)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def completion_record(version_dir: Path) -> str:
+    """The completion record of ``version_dir`` as it is now (no timestamp: the same files give the same record)."""
+    files = {
+        name: {"size": (version_dir / name).stat().st_size, "sha256": _sha256(version_dir / name)}
+        for name in _version_files(version_dir)
+    }
+    return json.dumps({"files": files}, indent=1, sort_keys=True) + "\n"
+
+
+def write_completion_record(version_dir: Path) -> None:
+    """Seal ``version_dir``: written last and atomically, so its presence means every file was there."""
+    write_text_atomic(version_dir / COMPLETION_RECORD, completion_record(version_dir))
+
+
+def incomplete(version_dir: Path) -> str | None:
+    """Why ``version_dir`` is not a complete version (no record, a file missing, short, changed or
+    unexpected), or None when every file matches its completion record."""
+    record_file = version_dir / COMPLETION_RECORD
+    try:
+        files = json.loads(record_file.read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"no completion record ({COMPLETION_RECORD}): still being copied, or copied without one"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable completion record {COMPLETION_RECORD}: {e}"
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return f"unreadable completion record {COMPLETION_RECORD}: no file table"
+    present = _version_files(version_dir)
+    if extra := sorted(set(present) - set(files)):
+        return f"{', '.join(extra)} not in its completion record"
+    for name, expected in sorted(files.items()):
+        path = version_dir / name
+        if name not in present:
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected.get("size"):
+            return f"{name} has {size} bytes, its completion record says {expected.get('size')} (a partial copy?)"
+        if _sha256(path) != expected.get("sha256"):
+            return f"{name} does not match the sha256 in its completion record"
+    return None
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -154,6 +222,7 @@ def write_repository(
             staged = Path(tmp)
             (staged / "version").mkdir()
             shutil.copy2(onnx_file, staged / "version" / "model.onnx")
+            write_completion_record(staged / "version")
             _install_dir(staged / "version", model_dir / str(version))
             write_text_atomic(model_dir / LABELS_FILE, labels_text)
             write_text_atomic(model_dir / "config.pbtxt", to_pbtxt(onnx_config(spec)))

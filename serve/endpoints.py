@@ -22,12 +22,17 @@ class Addresses:
     grpc_port: int
 
     @property
+    def url_host(self) -> str:
+        """The host as a URL spells it: an IPv6 address in brackets."""
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return f"{self.url_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return f"{self.url_host}:{self.grpc_port}"
 
 
 # The operators' key: Triton's control plane (loading, unloading, configs, shared memory, statistics,

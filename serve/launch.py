@@ -41,9 +41,18 @@ from serve.control import (
 from serve.endpoints import EXIT_TIMEOUT_S, GRPC_PORT, HTTP_PORT, METRICS_PORT
 from serve.server import GrpcTls, ServerError, TritonServer
 
+EXIT_CODES = """exit status:
+  0    stopped by Ctrl-C, SIGINT, SIGTERM or SIGHUP after a graceful shutdown
+  1    Triton could not start (the repository, a config.pbtxt, --host, a port in use: the
+       error line says which) or exited on its own (the orchestrator restarts the server)
+  2    bad arguments: equal ports, an unusable key file, TLS files that do not go together
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "--model-repository",
         required=True,
@@ -107,6 +116,10 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     extra = args.triton_args[1:] if args.triton_args[:1] == ["--"] else args.triton_args
+    if len({args.http_port, args.grpc_port, args.metrics_port}) < 3:
+        log(f"error: the ports must differ: --http-port {args.http_port}, --grpc-port {args.grpc_port}, "
+            f"--metrics-port {args.metrics_port}")  # fmt: skip
+        return 2
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key) or (args.grpc_tls_client_ca and not args.grpc_tls_cert):
         log("error: gRPC TLS needs both --grpc-tls-cert and --grpc-tls-key (and them for --grpc-tls-client-ca)")
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import importlib.util
 import json
 import os
@@ -29,8 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf import text_format
+
+from export.triton_config import parse_pbtxt
 from serve.children import die_with_parent
-from serve.control import Lock, grpc_headers, http_headers, resolve_key, secret_args_library
+from serve.control import INFERENCE_KEY_HEADER, Lock, grpc_headers, http_headers, resolve_key, secret_args_library
 from serve.endpoints import (
     CONTROL_KEY_ENV,
     CONTROL_KEY_FILE_ENV,
@@ -42,7 +46,7 @@ from serve.endpoints import (
     READY_PATH,
     Addresses,
 )
-from serve.standin import build_shadow_repository
+from serve.standin import build_shadow_repository, model_dirs
 from serve.supervisor import Supervisor
 
 # Lines of Triton's log that are noise on a machine without a GPU.
@@ -135,18 +139,34 @@ def gpu_present() -> bool:
         return False
 
 
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+PORT_IN_USE = "in use"
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on ``host:port`` (IPv4 or IPv6), or None when it can."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        return f"cannot resolve the host {host!r} ({e.strerror})"
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return PORT_IN_USE
+            if e.errno == errno.EADDRNOTAVAIL:
+                return f"{host} is not an address of this machine"
+            return f"cannot listen on {host}:{port} ({e.strerror})"
+    return None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    return bind_problem(host, port) == PORT_IN_USE
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -158,10 +178,12 @@ class TritonServer(Addresses):
     ``log`` receives every line Triton prints (default: dropped; the launcher
     echoes them); the last lines are kept for error messages either way.
 
-    Models are under explicit control (all loaded at start): once the server is
-    ready, a :class:`~serve.supervisor.Supervisor` reloads a model whose backend
-    process died (``heal``) and loads what changes in the repository, checked
-    every ``poll_secs`` (0: never).
+    Models are under explicit control: Triton starts with none, and a
+    :class:`~serve.supervisor.Supervisor` loads them (ONNX models with verified
+    versions only: a broken newest version must not keep a server from coming up
+    serving the previous one), then reloads a model whose backend process died
+    (``heal``) and loads what changes in the repository, checked every
+    ``poll_secs`` (0: never). A remote repository is loaded whole by Triton.
     """
 
     def __init__(
@@ -218,7 +240,7 @@ class TritonServer(Addresses):
     # -- addresses and keys ----------------------------------------------------------------
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}{METRICS_PATH}"
+        return f"http://{self.url_host}:{self.metrics_port}{METRICS_PATH}"
 
     @property
     def control_headers(self) -> dict[str, str]:
@@ -236,11 +258,17 @@ class TritonServer(Addresses):
             return
         if not self.repository.is_dir():
             raise ServerError(f"{self.repository}: no such model repository")
-        if not any((p / "config.pbtxt").exists() for p in self.repository.iterdir() if p.is_dir()):
+        configs = [p / "config.pbtxt" for p in model_dirs(self.repository) if (p / "config.pbtxt").exists()]
+        if not configs:
             raise ServerError(
                 f"{self.repository}: no model with a config.pbtxt in it "
                 "(export one with python export/to_onnx.py --checkpoint CKPT --output-dir DIR)"
             )
+        for config in configs:
+            try:
+                parse_pbtxt(config.read_text())
+            except (text_format.ParseError, UnicodeDecodeError, OSError) as e:
+                raise ServerError(f"{config}: not a Triton model config ({str(e).splitlines()[0]})") from None
 
     def _command(self) -> list[str]:
         assert self.binary is not None and self._workdir is not None
@@ -258,12 +286,19 @@ class TritonServer(Addresses):
         if self.remote and not self.binary.has_onnxruntime:
             raise ServerError(f"{self.repository_url}: a remote repository needs Triton's onnxruntime backend "
                               "(NVIDIA's container); this server has none")  # fmt: skip
-        if not self.binary.has_onnxruntime:
+        supervised = not self._user_control_mode()
+        if not self.remote and (supervised or not self.binary.has_onnxruntime):
+            # Triton reads a shadow: the stand-in's configs where it has no onnxruntime backend, and under the
+            # supervisor only the versions it verified (serve/standin.py)
             assert isinstance(repository, Path)
             self.shadow = work / "repository"
-            self.standin_models = build_shadow_repository(repository, self.shadow, gpu=gpu_present())
+            self.standin_models = build_shadow_repository(
+                repository, self.shadow, gpu=gpu_present(), verified=supervised, standin=not self.binary.has_onnxruntime
+            )
             repository = self.shadow
-        control = [] if self._user_control_mode() else ["--model-control-mode=explicit", "--load-model=*"]
+        control = ["--model-control-mode=explicit"] if supervised else []
+        if self.remote and supervised:  # a local repository's models are loaded by the supervisor (wait_ready)
+            control.append("--load-model=*")
         lock = self.lock.triton_args()
         if (shim := secret_args_library(work)) is not None:
             self.binary.env["LD_PRELOAD"] = " ".join(p for p in (str(shim), os.environ.get("LD_PRELOAD")) if p)
@@ -276,9 +311,9 @@ class TritonServer(Addresses):
         return [
             *cmd,
             "--model-repository", str(repository),
-            "--http-address", self.host, "--http-port", str(self.http_port),
-            "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
-            "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
+            "--http-address", self._evhtp_address, "--http-port", str(self.http_port),
+            "--grpc-address", self.url_host, "--grpc-port", str(self.grpc_port),
+            "--metrics-address", self._evhtp_address, "--metrics-port", str(self.metrics_port),
             "--log-verbose", str(self.log_verbose),
             "--exit-timeout-secs", str(self.exit_timeout),
             *control,
@@ -287,21 +322,29 @@ class TritonServer(Addresses):
             *self.extra_args,
         ]  # fmt: skip
 
+    @property
+    def _evhtp_address(self) -> str:
+        """How Triton's HTTP and metrics servers (libevhtp) take an address: IPv6 with an ``ipv6:`` prefix."""
+        return f"ipv6:{self.host}" if ":" in self.host else self.host
+
     def _user_control_mode(self) -> bool:
         return any(a.startswith("--model-control-mode") for a in self.extra_args)
 
     def start(self) -> TritonServer:
         self._check_repository()
-        for name, port in (
-            ("HTTP", self.http_port),
-            ("gRPC", self.grpc_port),
-            ("metrics", self.metrics_port),
-        ):
-            if port_in_use(self.host, port):
+        ports = {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
+        if len(set(ports.values())) < len(ports):
+            listing = ", ".join(f"--{name.lower()}-port {port}" for name, port in ports.items())
+            raise ServerError(f"the three ports must differ: {listing}")
+        for name, port in ports.items():
+            problem = bind_problem(self.host, port)
+            if problem == PORT_IN_USE:
                 raise ServerError(
                     f"{name} port {port} on {self.host} is already in use (another server?); "
                     f"choose another with --{name.lower()}-port"
                 )
+            if problem is not None:
+                raise ServerError(f"--host {self.host}: {problem}")
         self.binary = find_server(self.server_path)
         self._workdir = tempfile.TemporaryDirectory(prefix="threegnet-triton-")
         cmd = self._command()
@@ -340,7 +383,7 @@ class TritonServer(Addresses):
         return [ln for ln in self.lines if _ERROR_LINE.match(ln) and not any(n in ln for n in _NOISE)]
 
     def _get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
-        url = f"http://{self.host}:{self.http_port}{path}"
+        url = f"http://{self.http_url}{path}"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r:
                 return r.status, r.read()
@@ -355,7 +398,8 @@ class TritonServer(Addresses):
 
     def wait_ready(self, timeout: float = 300.0) -> TritonServer:
         """Block until the server and all its models are ready; raise with Triton's reason
-        if it exits or does not get there in ``timeout`` seconds."""
+        if it exits or does not get there in ``timeout`` seconds. Triton without a model is
+        ready at once: the supervisor's first load comes before that counts."""
         assert self.process is not None, "start() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -368,35 +412,44 @@ class TritonServer(Addresses):
                     f"tritonserver exited with status {self.process.returncode}:\n  " + "\n  ".join(reasons)
                 )
             if self.is_ready():
-                if not self._user_control_mode():
+                if self.supervisor is None and not self._user_control_mode():
                     self._check_lock()
-                self._supervise()
+                    self._supervise()
+                    continue  # ready again once the models just loaded are
                 return self
             time.sleep(0.25)
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n  " + "\n  ".join(self.errors()))
 
     def _supervise(self) -> None:
-        if self.supervisor is not None or self._user_control_mode() or not (self.heal or self.poll_secs > 0):
-            return
+        """Load the models of a local repository (verified versions only), then keep them serving."""
         assert self.process is not None
+        infer_headers = None
+        if self.lock.inference_key is not None:
+            infer_headers = http_headers(self.lock.inference_key, INFERENCE_KEY_HEADER)
         self.supervisor = Supervisor(
             self.http_url,
             self.process.pid,
             None if self.remote else self.repository.resolve(),
             self.shadow,
             gpu=gpu_present(),
+            standin=not (self.binary is not None and self.binary.has_onnxruntime),
             poll_secs=0 if self.remote else self.poll_secs,  # a remote repository: roll out by restarting pods
             heal=self.heal,
             log=self.log or (lambda line: self.lines.append(line)),
             headers=self.control_headers,
+            infer_headers=infer_headers,
         )
-        self.supervisor.start()
+        if not self.remote and (errors := self.supervisor.initial_load()):
+            self.stop()
+            raise ServerError("\n  ".join(errors))
+        if self.heal or self.poll_secs > 0:
+            self.supervisor.start()
 
     def models(self) -> list[dict]:
         """The repository index: name, version and state of every model (asked with the operators' key)."""
         req = urllib.request.Request(
-            f"http://{self.host}:{self.http_port}/v2/repository/index",
+            f"http://{self.http_url}/v2/repository/index",
             data=b"{}",
             method="POST",
             headers=self.control_headers,

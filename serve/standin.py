@@ -6,6 +6,13 @@ the exported one in a temporary folder: every onnxruntime model becomes a python
 model running ``triton_models/onnx_standin.py`` on the very same ``model.onnx``
 (linked, not copied) with the same inputs, outputs, labels, batching and warmup;
 every other model (the preprocessing model, the ensemble) is linked unchanged.
+
+The launcher serves such a shadow under its supervisor also where Triton has the
+onnxruntime backend (the configs then stay as they are): the shadow of an ONNX model
+holds only the versions the supervisor verified, with a ``specific`` policy naming
+them, because Triton reads configs from disk on loads the supervisor does not make
+with a config (loading an ensemble reloads the models under it as their files say),
+and a version Triton fails to load leaves the server not ready (serve/supervisor.py).
 """
 
 from __future__ import annotations
@@ -43,6 +50,19 @@ def standin_config(cfg: mc.ModelConfig, gpu: bool) -> mc.ModelConfig:
     return twin
 
 
+def served_config(cfg: mc.ModelConfig, gpu: bool, standin: bool, versions: list[int] | None) -> mc.ModelConfig:
+    """What Triton is given for an ONNX model: the stand-in's twin (``standin``) or the config as it
+    is, serving exactly ``versions`` (None: as its own policy says)."""
+    served = standin_config(cfg, gpu) if standin else mc.ModelConfig()
+    if not standin:
+        served.CopyFrom(cfg)
+    if versions is not None:
+        served.version_policy.CopyFrom(
+            mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=sorted(versions)))
+        )
+    return served
+
+
 def _link_tree(source: Path, target: Path) -> None:
     """Mirror ``source`` as real folders of links to its files.
 
@@ -58,27 +78,35 @@ def _link_tree(source: Path, target: Path) -> None:
             os.symlink(entry.resolve(), target / entry.name)
 
 
-def shadow_model(model_dir: Path, target: Path, gpu: bool = False) -> bool:
-    """Write the shadow of one model folder at ``target``; True when it runs through the stand-in."""
+def shadow_model(
+    model_dir: Path, target: Path, gpu: bool = False, versions: list[int] | None = None, standin: bool = True
+) -> bool:
+    """Write the shadow of one model folder at ``target``; True when it runs through the stand-in.
+    An ONNX model's shadow holds only ``versions`` (None: all); ``standin`` False keeps its config."""
     config_file = model_dir / "config.pbtxt"
     cfg = parse_pbtxt(config_file.read_text()) if config_file.exists() else None
     if cfg is None or not is_onnx_model(cfg):
         _link_tree(model_dir, target)
         return False
     target.mkdir()
-    (target / "config.pbtxt").write_text(to_pbtxt(standin_config(cfg, gpu)))
+    (target / "config.pbtxt").write_text(to_pbtxt(served_config(cfg, gpu, standin, versions)))
     for entry in model_dir.iterdir():
         if entry.name == "config.pbtxt" or entry.name.startswith("."):
             continue  # hidden entries: an export's staging folders
         if entry.is_dir() and entry.name.isdigit():
+            if versions is not None and int(entry.name) not in versions:
+                continue  # not verified (yet): out of Triton's sight
             _link_tree(entry, target / entry.name)
-            shutil.copy2(STANDIN, target / entry.name / "model.py")
+            if standin:
+                shutil.copy2(STANDIN, target / entry.name / "model.py")
         elif entry.is_file():
             os.symlink(entry.resolve(), target / entry.name)
-    return True
+    return standin
 
 
-def refresh_shadow_model(model_dir: Path, shadow_root: Path, gpu: bool = False) -> bool:
+def refresh_shadow_model(
+    model_dir: Path, shadow_root: Path, gpu: bool = False, versions: list[int] | None = None, standin: bool = True
+) -> bool:
     """Replace (or add) one model's shadow as a whole, for a server that is running:
     built aside, then swapped in, so Triton never reads a half-built folder. Processes
     already running from the old folder keep their open files."""
@@ -86,12 +114,12 @@ def refresh_shadow_model(model_dir: Path, shadow_root: Path, gpu: bool = False) 
     staging, old = shadow_root / f".staging-{model_dir.name}", shadow_root / f".old-{model_dir.name}"
     for leftover in (staging, old):
         shutil.rmtree(leftover, ignore_errors=True)
-    standin = shadow_model(model_dir, staging, gpu)
+    through_standin = shadow_model(model_dir, staging, gpu, versions, standin)
     if live.exists():
         os.replace(live, old)
     os.replace(staging, live)
     shutil.rmtree(old, ignore_errors=True)
-    return standin
+    return through_standin
 
 
 def model_dirs(repository: Path) -> list[Path]:
@@ -99,8 +127,12 @@ def model_dirs(repository: Path) -> list[Path]:
     return sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def build_shadow_repository(source: Path, target: Path, gpu: bool = False) -> list[str]:
+def build_shadow_repository(
+    source: Path, target: Path, gpu: bool = False, verified: bool = False, standin: bool = True
+) -> list[str]:
     """Fill ``target`` with the shadow of ``source``; returns the names of the models
-    that run through the stand-in."""
+    that run through the stand-in. ``verified``: no ONNX version yet (the supervisor adds
+    the ones it verified)."""
     target.mkdir(parents=True, exist_ok=True)
-    return [d.name for d in model_dirs(source) if shadow_model(d, target / d.name, gpu)]
+    versions = [] if verified else None
+    return [d.name for d in model_dirs(source) if shadow_model(d, target / d.name, gpu, versions, standin)]

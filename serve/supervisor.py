@@ -15,11 +15,27 @@ with the operators' key (serve/control.py):
   ``serve/versions.py``) and then stayed unchanged for one more poll is loaded again.
   Triton loads the new version beside the old one, which answers until the new one
   is ready: no request fails. Stand-in models get their shadow refreshed first.
+* **Only verified versions.** Triton keeps a version whose load failed in its index as
+  UNAVAILABLE with the failure as its reason, and its strict readiness is false while
+  any version of any model is neither READY nor "unloaded": one broken version made
+  the whole server not ready, for good, though the old version answered (later loads,
+  even of other versions, leave that state as it is). So Triton never picks versions
+  of an ONNX model by itself: the supervisor loads an explicit version list, a config
+  override with a ``specific`` policy, holding only versions that passed
+  ``serve/versions.py --check`` (complete per their completion record, labels present,
+  onnxruntime serves them under the config: in a child process, so a file that crashes
+  onnxruntime cannot crash the launcher) and then, loaded beside the serving version,
+  answered a smoke inference in Triton itself. A refused version is logged, counted
+  (``rejected``) and not tried again until its files change; the policy then picks
+  among the remaining versions (``latest:1``: the newest verified one). The same
+  happens at startup: the server starts with no model, and :meth:`initial_load` loads them.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -28,13 +44,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from serve.standin import model_dirs, refresh_shadow_model
+from export.repository import COMPLETION_RECORD, versions
+from export.triton_config import parse_pbtxt
+from serve.standin import is_onnx_model, model_dirs, refresh_shadow_model, served_config
 
 HEAL_TICK = 0.25  # seconds between looks at the backend processes
 STUB = "triton_python_backend_stub"
+VERSIONS_TOOL = Path(__file__).resolve().with_name("versions.py")
+CHECK_TIMEOUT_S = 300.0  # one version's check (onnxruntime loads and runs it once)
+CHECK_REJECTED = 3  # serve/versions.py --check's status for a refused version
 
 
 @dataclass(frozen=True)
@@ -95,16 +119,18 @@ class Supervisor(threading.Thread):
         repository: Path | None,  # None: a remote repository, not watched
         shadow: Path | None,
         gpu: bool = False,
+        standin: bool = True,  # the shadow runs ONNX models through the stand-in (no onnxruntime backend)
         poll_secs: float = 2.0,
         heal: bool = True,
         log: Callable[[str], None] = print,
         headers: dict[str, str] | None = None,
+        infer_headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(name="triton-supervisor", daemon=True)
         self.http_url, self.server_pid = http_url, server_pid
         self.headers = headers  # the operators' key: the repository API is locked without it
         self._client: httpclient.InferenceServerClient | None = None
-        self.repository, self.shadow, self.gpu = repository, shadow, gpu
+        self.repository, self.shadow, self.gpu, self.standin = repository, shadow, gpu, standin
         self.poll_secs, self.heal = poll_secs, heal
         self.log = log
         self._stop_event = threading.Event()
@@ -117,6 +143,12 @@ class Supervisor(threading.Thread):
         # two, Triton's readiness for the model (and the server's) is not 200.
         self.outages: list[tuple[str, float, float]] = []
         self.rollouts = 0
+        self.infer_headers = infer_headers  # the inference key, when the data plane is locked too (smoke inferences)
+        self.serving: dict[str, list[int]] = {}  # the versions loaded of each verified (ONNX) model
+        self._loaded_config: dict[str, str] = {}  # the config override each of those was loaded with
+        self._checked: dict[tuple[str, int], tuple[tuple, str | None]] = {}  # (model, version) -> (files, reason)
+        self.rejected = 0  # versions refused, at whatever stage (tests and logs read it)
+        self.rejections: list[tuple[str, int, str]] = []  # (model, version, why), in order
 
     # -- Triton's API --------------------------------------------------------------------
     @property
@@ -125,13 +157,33 @@ class Supervisor(threading.Thread):
             self._client = httpclient.InferenceServerClient(self.http_url, network_timeout=600)
         return self._client
 
-    def load(self, name: str) -> str | None:
-        """Load (or reload) ``name``; None when it worked, else Triton's error."""
+    def load(self, name: str, versions: list[int] | None = None) -> str | None:
+        """Load (or reload) ``name``; None when it worked, else Triton's error. A verified model is
+        loaded with exactly ``versions`` (default: those it serves), never what its policy picks."""
+        if versions is None:
+            versions = self.serving.get(name)
         try:
-            self.client.load_model(name, headers=self.headers)
+            config = None
+            if versions is not None:
+                config = self._override(name, versions)
+                if self.shadow is not None and self.repository is not None:  # what Triton reads from disk agrees
+                    refresh_shadow_model(self.repository / name, self.shadow, self.gpu, versions, self.standin)
+            self.client.load_model(name, headers=self.headers, config=config)
         except InferenceServerException as e:
             return e.message() or str(e)
+        except (OSError, text_format.ParseError) as e:  # the model's config.pbtxt
+            return f"cannot read its config: {e}"
         return None
+
+    def _served_config(self, name: str, versions: list[int]) -> mc.ModelConfig:
+        """The config Triton gets for ONNX model ``name`` serving exactly ``versions``."""
+        assert self.repository is not None
+        cfg = parse_pbtxt((self.repository / name / "config.pbtxt").read_text())
+        return served_config(cfg, self.gpu, self.standin and self.shadow is not None, versions)
+
+    def _override(self, name: str, versions: list[int]) -> str:
+        """The served config with a policy of exactly ``versions``, as Triton's load API takes it."""
+        return json_format.MessageToJson(self._served_config(name, versions))
 
     def unload(self, name: str) -> str | None:
         try:
@@ -238,19 +290,218 @@ class Supervisor(threading.Thread):
     def _roll_out(self, name: str, fp: tuple) -> None:
         started = time.monotonic()
         assert self.repository is not None
-        if self.shadow is not None:
-            refresh_shadow_model(self.repository / name, self.shadow, self.gpu)
-        error = self.load(name)
         self._served[name] = fp  # a failed load is not retried until the files change again
-        if error is not None:
-            self.log(f"[supervisor] {name}: the changed model failed to load: {error}")
-            return
+        if self._verified_model(name):  # its shadow holds the versions loaded: refreshed by each load
+            before = self._loaded_config.get(name)
+            error = self.serve_verified(name)
+            if error is not None:
+                self.log(f"[supervisor] {name}: {error}")
+            if error is not None or self._loaded_config.get(name) == before:
+                return  # nothing changed: a refused version, the old one serving on
+        else:
+            if self.shadow is not None:
+                refresh_shadow_model(self.repository / name, self.shadow, self.gpu, None, self.standin)
+            error = self.load(name)
+            if error is not None:
+                self.log(f"[supervisor] {name}: the changed model failed to load: {error}")
+                return
         self.rollouts += 1
         versions = self._ready_versions(name)
         self.log(
             f"[supervisor] {name}: repository changed; now serving version {', '.join(versions) or '?'} "
             f"(loaded in {time.monotonic() - started:.1f} s)"
         )
+
+    # -- verified versions ---------------------------------------------------------------
+    def initial_load(self) -> list[str]:
+        """Load every model of the repository, ONNX models with verified versions only, the models
+        before the ensembles over them; returns what failed ("failed to load 'NAME': why").
+        Called by the server before this thread starts."""
+        assert self.repository is not None
+        names = sorted((d.name for d in model_dirs(self.repository)), key=lambda n: _is_ensemble(self.repository / n))
+        errors = []
+        for name in names:
+            self._served[name] = fingerprint(self.repository / name)
+            error = self.serve_verified(name) if self._verified_model(name) else self.load(name)
+            if error is not None:
+                errors.append(f"failed to load '{name}': {error}")
+        if self._client is not None:  # the supervising thread makes its own
+            self._client.close()
+            self._client = None
+        return errors
+
+    def _verified_model(self, name: str) -> bool:
+        """Whether ``name``'s versions are checked before loading: the ONNX models (the exported
+        classifiers); the preprocessing model and the ensembles are loaded as they are."""
+        if self.repository is None:
+            return False
+        try:
+            return is_onnx_model(parse_pbtxt((self.repository / name / "config.pbtxt").read_text()))
+        except (OSError, text_format.ParseError):
+            return False
+
+    def _check_key(self, model_dir: Path, version: int, cfg: mc.ModelConfig) -> tuple:
+        """What a check of ``version`` depends on: its files, the label files, the config's tensors
+        (not its version policy: a rollback needs no new check)."""
+        labels = sorted({o.label_filename for o in cfg.output if o.label_filename})
+        stats = []
+        for label in labels:
+            try:
+                st = (model_dir / label).stat()
+                stats.append((label, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append((label, None, None))
+        tensors = tuple(t.SerializeToString(deterministic=True) for t in (*cfg.input, *cfg.output))
+        io = (cfg.max_batch_size, cfg.default_model_filename, cfg.backend, cfg.platform, tensors)
+        return fingerprint(model_dir / str(version)), tuple(stats), io
+
+    def _verify(self, name: str, version: int, cfg: mc.ModelConfig) -> bool:
+        """Whether ``version`` passed ``serve/versions.py --check`` with its current files (checked once)."""
+        assert self.repository is not None
+        key = self._check_key(self.repository / name, version, cfg)
+        cached = self._checked.get((name, version))
+        if cached is not None and cached[0] == key:
+            return cached[1] is None
+        reason = self._run_check(name, version)
+        self._checked[(name, version)] = (key, reason)
+        if reason is not None:
+            self._reject(name, version, reason)
+        return reason is None
+
+    def _run_check(self, name: str, version: int) -> str | None:
+        assert self.repository is not None
+        cmd = [sys.executable, str(VERSIONS_TOOL), "--model-repository", str(self.repository), "--name", name,
+               "--check", str(version)]  # fmt: skip
+        try:
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL
+            )
+        except subprocess.TimeoutExpired:
+            return f"its check did not finish within {CHECK_TIMEOUT_S:.0f} s"
+        if done.returncode == 0:
+            return None
+        if done.returncode == CHECK_REJECTED and done.stdout.strip():
+            return done.stdout.strip().splitlines()[-1].split(": ", 1)[-1]
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"its check failed (status {done.returncode}): {tail}"
+
+    def _reject(self, name: str, version: int, reason: str, key: tuple | None = None) -> None:
+        """Count and log a refused version; ``key``: remember it as refused until its files change."""
+        if key is not None:
+            self._checked[(name, version)] = (key, reason)
+        self.rejected += 1
+        self.rejections.append((name, version, reason))
+        serving = self.serving.get(name)
+        still = f"version {', '.join(map(str, serving))} keeps serving" if serving else "no version of it is serving"
+        hint = ""
+        if COMPLETION_RECORD in reason and self.repository is not None:
+            hint = (f" (a version copied by hand: python serve/versions.py --model-repository {self.repository} "
+                    f"--name {name} --seal {version})")  # fmt: skip
+        self.log(f"[supervisor] {name}: version {version} refused: {reason}; {still}{hint}")
+
+    def _choose(self, name: str) -> tuple[list[int], mc.ModelConfig]:
+        """The verified versions ``name``'s policy selects: ``latest:N`` the newest N verified ones."""
+        assert self.repository is not None
+        model_dir = self.repository / name
+        cfg = parse_pbtxt((model_dir / "config.pbtxt").read_text())
+        on_disk = versions(model_dir)
+        policy = cfg.version_policy
+        which = policy.WhichOneof("policy_choice")
+        if which == "specific":
+            order, wanted = [v for v in sorted(set(policy.specific.versions)) if v in on_disk], len(on_disk)
+        elif which == "all":
+            order, wanted = on_disk, len(on_disk)
+        else:
+            order, wanted = on_disk[::-1], max(1, policy.latest.num_versions) if which == "latest" else 1
+        chosen: list[int] = []
+        for version in order:
+            if len(chosen) >= wanted:
+                break
+            if self._verify(name, version, cfg):
+                chosen.append(version)
+        return sorted(chosen), cfg
+
+    def serve_verified(self, name: str) -> str | None:
+        """Bring ``name``'s loaded versions to the verified ones its policy selects: a new version is
+        loaded beside the serving ones, must answer a smoke inference, and only then do the old ones
+        go. Returns why nothing could be served, or None (also when the old version keeps serving)."""
+        assert self.repository is not None
+        for _ in range(8):  # each round refuses at least one version, or ends
+            try:
+                wanted, cfg = self._choose(name)
+            except (OSError, text_format.ParseError) as e:
+                return f"cannot read its config: {e}"
+            current = self.serving.get(name, [])
+            if not wanted:
+                if current:
+                    self.log(f"[supervisor] {name}: no verified version to change to; version "
+                             f"{', '.join(map(str, current))} keeps serving")  # fmt: skip
+                    return None
+                return "no version passed the checks (see the log lines above)"
+            if wanted == current and self._override(name, wanted) == self._loaded_config.get(name):
+                return None
+            new = [v for v in wanted if v not in current]
+            both = sorted(set(current) | set(wanted))
+            error = self.load(name, both if new else wanted)
+            if error is not None:
+                for v in new:
+                    key = self._check_key(self.repository / name, v, cfg)
+                    self._reject(name, v, f"Triton failed to load it: {error}", key)
+                if current:
+                    self.load(name, current)
+                if not new:
+                    return error
+                continue
+            bad = []
+            for v in new:
+                if (reason := self._smoke(name, v)) is not None:
+                    bad.append(v)
+                    self._reject(name, v, reason, self._check_key(self.repository / name, v, cfg))
+            final = [v for v in wanted if v not in bad] or current
+            if final != (both if new else wanted):
+                if not final:
+                    self.unload(name)
+                    self.serving.pop(name, None)
+                    self._loaded_config.pop(name, None)
+                    continue
+                if (error := self.load(name, final)) is not None:
+                    return error
+            self.serving[name] = final
+            self._loaded_config[name] = self._override(name, final)
+            if not bad:
+                return None
+        return "gave up after refusing too many versions"
+
+    def _smoke(self, name: str, version: int) -> str | None:
+        """Why ``version``, loaded in Triton, does not answer a batch of zeros with finite outputs of
+        the configured shapes; None when it does."""
+        cfg = self._served_config(name, [version])
+        batch = [1] if cfg.max_batch_size > 0 else []
+        inputs = []
+        for t in cfg.input:
+            dtype = mc.DataType.Name(t.data_type).removeprefix("TYPE_")
+            dtype = "BYTES" if dtype == "STRING" else dtype
+            shape = batch + [d if d > 0 else 1 for d in t.dims]
+            data = np.zeros(shape, dtype=object if dtype == "BYTES" else triton_to_np_dtype(dtype))
+            inp = httpclient.InferInput(t.name, shape, dtype)
+            inp.set_data_from_numpy(data)
+            inputs.append(inp)
+        outputs = [httpclient.InferRequestedOutput(o.name) for o in cfg.output]
+        try:
+            result = self.client.infer(name, inputs, model_version=str(version), outputs=outputs,
+                                       headers=self.infer_headers, timeout=int(CHECK_TIMEOUT_S * 1e6))  # fmt: skip
+        except InferenceServerException as e:
+            return f"a smoke inference in Triton failed: {e.message() or e}"
+        for o in cfg.output:
+            array = result.as_numpy(o.name)
+            shape = batch + list(o.dims)
+            if array is None:
+                return f"a smoke inference in Triton gave no output {o.name!r}"
+            if len(array.shape) != len(shape) or any(e > 0 and a != e for e, a in zip(shape, array.shape, strict=True)):
+                return f"a smoke inference gave {o.name!r} shape {list(array.shape)}, the config says {shape}"
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                return f"a smoke inference gave {o.name!r} values that are not finite"
+        return None
 
     def _ready_versions(self, name: str) -> list[str]:
         return sorted(

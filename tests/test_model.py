@@ -29,7 +29,7 @@ def test_builders_exist_with_released_names_and_take_num_classes(arch):
 def test_resnet50_3g_size_matches_the_paper():
     m = create_model("resnet50_3g")
     n = sum(p.numel() for p in m.parameters())
-    assert 57.5e6 < n < 58.5e6  # DESIGN: about 58.0 M, fc alone 32.9 M
+    assert 57.5e6 < n < 58.5e6  # the paper: about 58.0 M, fc alone 32.9 M
     assert abs(m.fc.weight.numel() + m.fc.bias.numel() - 32.9e6) < 0.1e6
 
 

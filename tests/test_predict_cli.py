@@ -18,6 +18,7 @@ from serve.server import free_port, port_in_use
 from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
 PREDICT = ROOT / "client" / "predict.py"
+RESIZE = ("--resize", str(TINY_PREPROCESSING["resize"]))  # a locked server keeps the record private
 
 
 def predict(*args: str) -> subprocess.CompletedProcess:
@@ -80,7 +81,7 @@ def test_grpc_and_http_agree_and_tensor_agrees_with_bytes(triton, images, expect
     runs = {
         "grpc": predict(str(images), "--json", "--top-k", "4", "--url", triton.grpc_url),
         "http": predict(str(images), "--json", "--top-k", "4", "--protocol", "http", "--url", triton.http_url),
-        "tensor": predict(str(images), "--json", "--top-k", "4", "--url", triton.grpc_url, "--send", "tensor"),
+        "tensor": predict(str(images), "--json", "--top-k", "4", "--url", triton.grpc_url, "--send", "tensor", *RESIZE),
     }
     answers = {}
     for name, result in runs.items():
@@ -144,11 +145,19 @@ def test_server_down_is_one_line_naming_the_url(images, protocol):
     assert line.startswith("error: cannot reach Triton at") and url in line
 
 
-def test_missing_model_lists_the_ready_models(triton, images):
+def test_a_missing_model_is_named_in_one_line(triton, images):
     result = predict(str(images), "--url", triton.grpc_url, "--model", "resnet_nope")
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
-    assert "'resnet_nope'" in line and "ready models: threegnet, threegnet_classifier, threegnet_image," in line
+    assert "'resnet_nope' is not on the server" in line and triton.grpc_url in line
+
+
+def test_the_tensor_path_on_a_locked_server_asks_for_the_resize(triton, images):
+    """The preprocessing record is in the model's config, which a locked server keeps to its operators."""
+    result = predict(str(images), "--url", triton.grpc_url, "--send", "tensor")
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert "keeps its preprocessing record private" in line and "--resize" in line
 
 
 @pytest.mark.parametrize("send", ["bytes", "tensor"])
@@ -162,7 +171,8 @@ def test_the_files_people_upload_are_classified(triton, model_repository, tmp_pa
         path = tmp_path / f"{photo.name}{photo.suffix}"
         path.write_bytes(photo.data)
         expected[str(path)] = session.run(["probabilities"], {"image": load_and_preprocess(path, pp)[None]})[0][0]
-    result = predict(str(tmp_path), "--json", "--top-k", "2", "--send", send, "--url", triton.grpc_url)
+    resize = RESIZE if send == "tensor" else ()
+    result = predict(str(tmp_path), "--json", "--top-k", "2", "--send", send, "--url", triton.grpc_url, *resize)
     assert result.returncode == 0, result.stderr
     records = json_lines(result.stdout)
     assert sorted(records) == sorted(expected)  # .heic and .avif found in the folder too

@@ -55,7 +55,7 @@ from training.data import (
 from training.engine import EpochStats, evaluate, train_one_epoch
 from training.model import ARCHS, ThreeGNet, create_model
 
-# The released schedules (DESIGN §1): SGD, momentum 0.9, lr 0.1, wd 1e-4, batch 256, lr x0.1 at the steps.
+# The released schedules: SGD, momentum 0.9, lr 0.1, wd 1e-4, batch 256, lr x0.1 at the steps.
 RECIPES: dict[str, dict[str, Any]] = {
     "imagenet": {"epochs": 115, "lr_steps": [30, 60, 90]},
     "places365": {"epochs": 55, "lr_steps": [30, 40, 45, 50]},
