@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser haproxy prometheus test test-fast lint demo bench fleet clean help
+.PHONY: setup browser haproxy prometheus checkov test test-fast lint demo bench fleet clean help
 
 help:
 	@echo "make demo    train a small 3G-Net on built-in data, export, serve with Triton, open the demo"
@@ -82,7 +82,8 @@ demo: setup
 fleet: setup haproxy prometheus
 	$(PY) deploy/local_fleet.py --model-repository model_repository --replicas 2 --prometheus
 
-# CPU benchmarks (model speed, head share, INT8, serving overhead, overload): tables in bench/results/.
+# CPU benchmarks (model speed, INT8/bf16, serving overhead, overload, realistic payloads): tables in bench/results/;
+# finished studies: bench/studies/README.md.
 bench: setup
 	$(PY) bench/run.py
 

@@ -7,7 +7,7 @@ preprocess locally. The exact path (``fast=False``) reproduces torchvision's
 ``Resize(256)`` + ``CenterCrop(224)`` on PIL images bit for bit; the default fast path
 decodes large JPEGs at a reduced DCT scale and pre-shrinks other large images with a box
 filter first, at a quarter of the cost on a 12 MP photo; what that changes in a model's
-predictions is measured by ``bench/decoding.py`` (docs/performance.md section 7).
+predictions is measured by ``bench/studies/decoding.py`` (docs/performance.md section 7).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ IMAGE_SUFFIXES = frozenset(
 # Fast path: a resize by a factor over REDUCING_GAP first shrinks the image by a whole factor with a
 # box filter (Pillow's ``reduce``) to at least REDUCING_GAP x the target, then resamples as the exact
 # path does. Pillow documents 3 as "indistinguishable from fair resampling in most cases"; on a
-# 12 MP image it cuts the resize to 256 px from 34 ms to 14 ms (bench/decoding.py measures what it changes).
+# 12 MP image it cuts the resize to 256 px from 34 ms to 14 ms (bench/studies/decoding.py measures what it changes).
 REDUCING_GAP = 3.0
 
 

@@ -1,4 +1,4 @@
-"""The CPU benchmarks (``make bench``): model speed, low precision, serving, overload, realistic payloads.
+"""The CPU benchmarks (``make bench``): model speed, low precision, serving, overload, realistic payloads, soak.
 
     .venv/bin/python bench/run.py                 # ResNet50-3G at 224
     .venv/bin/python bench/run.py --quick         # a small model on 64x64 crops: a smoke run of every part
@@ -24,10 +24,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/run.py` from anywhere
 
-from bench import low_precision, model_speed, overload, payloads, serving
+from bench import low_precision, model_speed, overload, payloads, serving, soak
 from bench.common import RESULTS, Settings, entry, load_average, log, machine, machine_markdown, md_table, write
 
-PARTS = ("speed", "precision", "serving", "overload", "payloads")
+PARTS = ("speed", "precision", "serving", "overload", "payloads", "soak")
 FILES = {"speed": "model_speed", "precision": "low_precision"}  # result file names, where not the part's
 
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif part == "precision":
                     data, md = low_precision.run(settings, work / "precision")
                 else:  # a served part, on the same fp32 export
-                    data, md = {"serving": serving, "overload": overload, "payloads": payloads}[part].run(
+                    data, md = {"serving": serving, "overload": overload, "payloads": payloads, "soak": soak}[part].run(
                         settings, work, onnx_path
                     )
             except Exception as e:  # one broken part must not hide the others' numbers

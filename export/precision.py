@@ -79,13 +79,13 @@ def missing_modules(graph: onnx.GraphProto, modules: tuple[str, ...]) -> list[st
 
 # The INT8 recipe: modules kept in fp32 besides the second-order part and the serving wrapper, and how
 # activations are calibrated. From a per-layer sensitivity study on ResNet50-3G with a trained head
-# (bench/low_precision.py --sensitivity; docs/performance.md section 3). The fc stays fp32: its input, the
+# (python -m bench.studies.int8 --sensitivity; docs/performance.md section 3). The fc stays fp32: its input, the
 # 32,896 values of the matrix square root, would get one 8-bit scale set by the diagonal, ~15x the
 # off-diagonal entries, and it is 0.5% of the FLOPs. Ranges are the average of the per-batch ranges
 # (onnxruntime's CalibMovingAverage): plain MinMax takes the most extreme batch's, and more images made
 # its steps coarser. What is left are top-1 flips on near-ties, 3-4x as many as bf16 autocast makes
 # (2048 held-out images: 23-32 against 8, by calibration set), from 8-bit noise on both sides: re-run at
-# other bit widths (bench/bit_widths.py), 8-bit activations alone make 2.7x bf16's noise and 8-bit weights
+# other bit widths (bench/studies/int8.py), 8-bit activations alone make 2.7x bf16's noise and 8-bit weights
 # alone 2.0x; bf16's level takes about 10 bits on both, which onnxruntime's CPU kernels lack. Keeping the
 # first layers (conv1, fused with bn1 and named after it, and layer1) fp32 halves the flips, 11-16, but
 # INT8 then runs 2.3x fp32 instead of 2.7x: under the 2.5x target, so not the default (to_onnx.py

@@ -37,7 +37,7 @@ QUEUE_DELAY_US = 2000
 # Model instances, each with its own onnxruntime session (to_onnx.py --instances). One session with
 # all the cores is what in-process onnxruntime runs, and on a quiet 2-core machine it served 82-102% of
 # in-process at concurrency 1-16 (90-94% at 4) where 2 instances x 1 thread served 51-101% (a request
-# that arrives alone gets one core; bench/serving.py --sweep, docs/performance.md section 4). Two
+# that arrives alone gets one core; python -m bench.studies.serving_sweep, docs/performance.md section 4). Two
 # instances pay off where the cores are contended: on this machine shared with busy co-tenants (load
 # 3-4), 2 x 1 thread served 1.45-1.7x one 2-thread session, which stalls whenever either core is taken.
 # On a GPU, Triton creates this many instances per GPU; 2 overlap one request's host work with the

@@ -58,7 +58,9 @@ _ERROR_LINE = re.compile(r"^(E\d{4} |error: |Error: )")
 # 8 bursts of 200 12 MP JPEGs left tritonserver at 590 MB (from 50). A fixed threshold (which also
 # stops that adjustment) mmaps large buffers and unmaps them when freed; two arenas bound what the
 # HTTP threads hold. Measured on the 2-core CPU (docs/hostile-requests-notes.md): the tree's PSS
-# 10 s after the bursts went from 687 to 235 MB (idle 229 and 180).
+# 10 s after the bursts went from 687 to 235 MB (idle 229 and 180). The price: mapping and unmapping each
+# upload's buffers: 12 MP JPEGs at concurrency 4 served 2-18% fewer per second in 6 of 7 paired runs
+# (noisy: a busy 2-core machine). Set MALLOC_MMAP_THRESHOLD_ etc. in the environment to choose otherwise.
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "262144", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 
 
@@ -178,12 +180,12 @@ class TritonServer(Addresses):
     ``log`` receives every line Triton prints (default: dropped; the launcher
     echoes them); the last lines are kept for error messages either way.
 
-    Models are under explicit control: Triton starts with none, and a
-    :class:`~serve.supervisor.Supervisor` loads them (ONNX models with verified
-    versions only: a broken newest version must not keep a server from coming up
-    serving the previous one), then reloads a model whose backend process died
-    (``heal``) and loads what changes in the repository, checked every
-    ``poll_secs`` (0: never). A remote repository is loaded whole by Triton.
+    Models are under explicit control (all loaded at start). Triton reads a shadow of
+    a local repository that holds only the verified versions of ONNX models (a
+    broken newest version must not keep a server from coming up serving the previous
+    one); once the server is ready, a :class:`~serve.supervisor.Supervisor` reloads a
+    model whose backend process died (``heal``) and loads what changes in the
+    repository, checked every ``poll_secs`` (0: never).
     """
 
     def __init__(
@@ -296,9 +298,11 @@ class TritonServer(Addresses):
                 repository, self.shadow, gpu=gpu_present(), verified=supervised, standin=not self.binary.has_onnxruntime
             )
             repository = self.shadow
-        control = ["--model-control-mode=explicit"] if supervised else []
-        if self.remote and supervised:  # a local repository's models are loaded by the supervisor (wait_ready)
-            control.append("--load-model=*")
+            if supervised:  # only verified versions in the shadow before Triton loads it (serve/supervisor.py)
+                self.supervisor = self._make_supervisor()
+                if errors := self.supervisor.prepare():
+                    raise ServerError("\n  ".join(errors))
+        control = ["--model-control-mode=explicit", "--load-model=*"] if supervised else []
         lock = self.lock.triton_args()
         if (shim := secret_args_library(work)) is not None:
             self.binary.env["LD_PRELOAD"] = " ".join(p for p in (str(shim), os.environ.get("LD_PRELOAD")) if p)
@@ -359,6 +363,8 @@ class TritonServer(Addresses):
             text=True,
             errors="replace",
         )
+        if self.supervisor is not None:
+            self.supervisor.server_pid = self.process.pid
         self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
         return self
@@ -398,8 +404,7 @@ class TritonServer(Addresses):
 
     def wait_ready(self, timeout: float = 300.0) -> TritonServer:
         """Block until the server and all its models are ready; raise with Triton's reason
-        if it exits or does not get there in ``timeout`` seconds. Triton without a model is
-        ready at once: the supervisor's first load comes before that counts."""
+        if it exits or does not get there in ``timeout`` seconds."""
         assert self.process is not None, "start() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -412,24 +417,31 @@ class TritonServer(Addresses):
                     f"tritonserver exited with status {self.process.returncode}:\n  " + "\n  ".join(reasons)
                 )
             if self.is_ready():
-                if self.supervisor is None and not self._user_control_mode():
+                if not self._user_control_mode():
                     self._check_lock()
                     self._supervise()
-                    continue  # ready again once the models just loaded are
                 return self
             time.sleep(0.25)
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n  " + "\n  ".join(self.errors()))
 
     def _supervise(self) -> None:
-        """Load the models of a local repository (verified versions only), then keep them serving."""
+        if self._user_control_mode() or not (self.heal or self.poll_secs > 0):
+            return
         assert self.process is not None
+        if self.supervisor is None:
+            self.supervisor = self._make_supervisor()
+        if not self.supervisor.is_alive():
+            self.supervisor.server_pid = self.process.pid
+            self.supervisor.start()
+
+    def _make_supervisor(self) -> Supervisor:
         infer_headers = None
         if self.lock.inference_key is not None:
             infer_headers = http_headers(self.lock.inference_key, INFERENCE_KEY_HEADER)
-        self.supervisor = Supervisor(
+        return Supervisor(
             self.http_url,
-            self.process.pid,
+            self.process.pid if self.process is not None else 0,  # set once Triton runs
             None if self.remote else self.repository.resolve(),
             self.shadow,
             gpu=gpu_present(),
@@ -440,11 +452,6 @@ class TritonServer(Addresses):
             headers=self.control_headers,
             infer_headers=infer_headers,
         )
-        if not self.remote and (errors := self.supervisor.initial_load()):
-            self.stop()
-            raise ServerError("\n  ".join(errors))
-        if self.heal or self.poll_secs > 0:
-            self.supervisor.start()
 
     def models(self) -> list[dict]:
         """The repository index: name, version and state of every model (asked with the operators' key)."""

@@ -28,7 +28,8 @@ with the operators' key (serve/control.py):
   answered a smoke inference in Triton itself. A refused version is logged, counted
   (``rejected``) and not tried again until its files change; the policy then picks
   among the remaining versions (``latest:1``: the newest verified one). The same
-  happens at startup: the server starts with no model, and :meth:`initial_load` loads them.
+  happens at startup (:meth:`prepare`): Triton's shadow of the repository holds only the
+  verified versions (also later: an ensemble's load reloads the models under it from disk).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from export.repository import COMPLETION_RECORD, versions
 from export.triton_config import parse_pbtxt
+from serve.endpoints import CONTROL_KEY_ENV, CONTROL_KEY_FILE_ENV
 from serve.standin import is_onnx_model, model_dirs, refresh_shadow_model, served_config
 
 HEAL_TICK = 0.25  # seconds between looks at the backend processes
@@ -313,22 +315,31 @@ class Supervisor(threading.Thread):
         )
 
     # -- verified versions ---------------------------------------------------------------
-    def initial_load(self) -> list[str]:
-        """Load every model of the repository, ONNX models with verified versions only, the models
-        before the ensembles over them; returns what failed ("failed to load 'NAME': why").
-        Called by the server before this thread starts."""
-        assert self.repository is not None
-        names = sorted((d.name for d in model_dirs(self.repository)), key=lambda n: _is_ensemble(self.repository / n))
+    def prepare(self) -> list[str]:
+        """Before Triton starts: put only the verified versions each ONNX model's policy selects in
+        the shadow, which Triton then loads whole; returns what cannot be served ("failed to load
+        'NAME': why")."""
+        assert self.repository is not None and self.shadow is not None
         errors = []
-        for name in names:
-            self._served[name] = fingerprint(self.repository / name)
-            error = self.serve_verified(name) if self._verified_model(name) else self.load(name)
-            if error is not None:
-                errors.append(f"failed to load '{name}': {error}")
-        if self._client is not None:  # the supervising thread makes its own
-            self._client.close()
-            self._client = None
+        for model_dir in model_dirs(self.repository):
+            name = model_dir.name
+            if not self._verified_model(name):
+                continue
+            try:
+                wanted, _ = self._choose(name)
+            except (OSError, text_format.ParseError) as e:
+                errors.append(f"failed to load '{name}': cannot read its config: {e}")
+                continue
+            if not wanted:
+                errors.append(f"failed to load '{name}': no version passed the checks ({self._reasons(name)})")
+                continue
+            refresh_shadow_model(model_dir, self.shadow, self.gpu, wanted, self.standin)
+            self.serving[name] = wanted
+            self._loaded_config[name] = self._override(name, wanted)
         return errors
+
+    def _reasons(self, name: str) -> str:
+        return "; ".join(f"version {v}: {why}" for m, v, why in self.rejections if m == name) or "no version"
 
     def _verified_model(self, name: str) -> bool:
         """Whether ``name``'s versions are checked before loading: the ONNX models (the exported
@@ -372,9 +383,11 @@ class Supervisor(threading.Thread):
         assert self.repository is not None
         cmd = [sys.executable, str(VERSIONS_TOOL), "--model-repository", str(self.repository), "--name", name,
                "--check", str(version)]  # fmt: skip
+        # The check reads the repository and nothing else: no operators' key in its environment.
+        env = {k: v for k, v in os.environ.items() if k not in (CONTROL_KEY_ENV, CONTROL_KEY_FILE_ENV)}
         try:
             done = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL
+                cmd, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL, env=env
             )
         except subprocess.TimeoutExpired:
             return f"its check did not finish within {CHECK_TIMEOUT_S:.0f} s"

@@ -23,6 +23,7 @@ the launcher down.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -168,6 +169,11 @@ def is_onnx(cfg: mc.ModelConfig) -> bool:
     return cfg.backend == "onnxruntime" or cfg.platform == "onnxruntime_onnx"
 
 
+def have_onnxruntime() -> bool:
+    """NVIDIA's container (serve/Dockerfile) has Triton's onnxruntime backend but not the Python package."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 def verify_version(model_dir: Path, version: int) -> str | None:
     """Why ``version`` of ``model_dir`` must not be loaded, or None: see the module doc."""
     if version not in versions(model_dir):
@@ -177,7 +183,9 @@ def verify_version(model_dir: Path, version: int) -> str | None:
     cfg = read_config(model_dir)
     if (reason := missing_model_files(model_dir, cfg)) is not None:
         return reason
-    return onnx_problem(model_dir, version, cfg) if is_onnx(cfg) else None
+    # Without onnxruntime here, the record and the labels are what is checked before Triton loads the
+    # version beside the serving one and sends it a smoke inference.
+    return onnx_problem(model_dir, version, cfg) if is_onnx(cfg) and have_onnxruntime() else None
 
 
 def seal(model_dir: Path, version: int) -> None:
@@ -186,6 +194,8 @@ def seal(model_dir: Path, version: int) -> None:
     if version not in versions(model_dir):
         raise VersionsError(f"{model_dir.name} has no version {version}")
     cfg = read_config(model_dir)
+    if is_onnx(cfg) and not have_onnxruntime():
+        raise VersionsError("onnxruntime is not installed here: cannot check the copy; seal it where it is")
     if is_onnx(cfg) and (reason := onnx_problem(model_dir, version, cfg)) is not None:
         raise VersionsError(f"not sealing {model_dir.name} version {version}: {reason}")
     write_completion_record(model_dir / str(version))

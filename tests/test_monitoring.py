@@ -316,7 +316,7 @@ def fleet(model_repository):
         pytest.fail("needs Debian's prometheus and haproxy: make prometheus haproxy")
     from deploy.local_fleet import Fleet
 
-    with Fleet(model_repository, replicas=2, prometheus=True, alert_for="3s") as fleet:
+    with Fleet(model_repository, replicas=2, prometheus=True, alert_for="1s") as fleet:
         yield fleet
 
 

@@ -5,11 +5,13 @@ reason is reported, and a good version afterwards is served. Real servers, real 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -224,3 +226,55 @@ def test_seal_refuses_what_would_not_serve_and_seals_a_good_copy(own_repository,
     assert result.returncode == 0 and "sealed" in result.stderr, result.stderr
     assert versions_main(["--model-repository", str(own_repository), "--check", "4"]) == 0
     assert (model / "4" / COMPLETION_RECORD).read_text() == (model / "1" / COMPLETION_RECORD).read_text()
+
+
+def test_a_half_copied_version_in_a_shared_repository_costs_a_fleet_nothing(own_repository):
+    """Two replicas serving one repository (pods sharing a volume) behind HAProxy, which takes a replica out
+    at its first failed readiness check: before the fix, a half-copied version took both out."""
+    from client.inference import ClientError, TritonClassifier
+    from deploy.local_fleet import Fleet
+
+    if shutil.which("haproxy") is None:
+        pytest.skip("no haproxy (make haproxy)")
+    with Fleet(own_repository, replicas=2) as fleet:
+        classifier = TritonClassifier(fleet.http_url, "http", retries=0, timeout=30)
+        x = tensor(3)
+        ok, failures, states = [0], [], []
+        halt = threading.Event()
+
+        def classify() -> None:
+            while not halt.is_set():
+                try:
+                    classifier.classify_tensors(x, top_k=2)
+                    ok[0] += 1
+                except ClientError as e:
+                    failures.append(str(e))
+                time.sleep(0.01)
+
+        def watch() -> None:
+            while not halt.is_set():
+                states.append(set(fleet.states().values()))
+                time.sleep(0.1)
+
+        threads = [threading.Thread(target=classify, daemon=True) for _ in range(3)]
+        threads.append(threading.Thread(target=watch, daemon=True))
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: ok[0] >= 20, 60, "the fleet answers")
+        half_copied(own_repository, 2)
+        logs = [fleet.work / f"{r.name}.log" for r in fleet.replicas]
+        wait_until(lambda: all("version 2 refused" in log.read_text() for log in logs), 120, "both replicas refused 2")
+        answered = ok[0]
+        time.sleep(3)  # a few more health checks
+        halt.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        for replica in fleet.replicas:
+            request = urllib.request.Request(f"http://127.0.0.1:{replica.http_port}/v2/repository/index", data=b"{}",
+                                             method="POST", headers=fleet.control_headers)  # fmt: skip
+            rows = json.loads(urllib.request.urlopen(request, timeout=5).read())
+            assert [(m.get("version"), m.get("state")) for m in rows if m["name"] == "threegnet"] == [("1", "READY")]
+
+    assert not failures, failures[:3]
+    assert ok[0] > answered and states and all(s == {"UP"} for s in states), [s for s in states if s != {"UP"}][:3]
+    print(f"{ok[0]} answers through HAProxy, none failed; {len(states)} looks at the pool, every replica UP")
