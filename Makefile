@@ -76,7 +76,7 @@ test-fast: setup
 #   make demo RETRAIN=1                      train and export again
 #   make demo CHECKPOINT=path/to/ckpt        serve that checkpoint instead of training
 demo: setup
-	$(PY) pipeline/demo.py $(if $(RETRAIN),--retrain) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) pipeline/run_all.py $(if $(RETRAIN),--retrain) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 # Two replicas behind HAProxy on this machine, serving model_repository (what deploy/kubernetes runs).
 fleet: setup haproxy prometheus

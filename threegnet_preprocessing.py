@@ -89,8 +89,18 @@ class Preprocessing:
 IMAGENET = Preprocessing()
 
 
+# Why an image was refused, in a word a program can count on (ImageError.reason): a small fixed set,
+# so a metric labelled with it stays bounded whatever the uploads are.
+REJECT_REASONS = ("empty", "too_large", "too_small", "aspect_ratio", "not_an_image", "corrupt", "other")
+
+
 class ImageError(ValueError):
-    """An input that is not a usable image; the message says why."""
+    """An input that is not a usable image; the message says why, for people, and ``reason`` (one of
+    :data:`REJECT_REASONS`) says it for programs (the server's rejected-uploads counter)."""
+
+    def __init__(self, message: str = "", *, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason if reason in REJECT_REASONS else "other"
 
 
 def check_size(
@@ -102,22 +112,25 @@ def check_size(
     ``resize``: the shorter side is to be resized to this (the size of the intermediate is checked too).
     """
     if min(width, height) < MIN_SIDE:
-        raise ImageError(f"image is {width}x{height} pixels; both sides must be >= {MIN_SIDE}")
+        raise ImageError(f"image is {width}x{height} pixels; both sides must be >= {MIN_SIDE}", reason="too_small")
     if width * height > max_pixels:
         raise ImageError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of "
-            f"{max_pixels} (decompression bomb guard)"
+            f"{max_pixels} (decompression bomb guard)",
+            reason="too_large",
         )
     short, long = min(width, height), max(width, height)
     if long > max_aspect * short:
         ratio = f"{long / short:.2f}".rstrip("0").rstrip(".")
         raise ImageError(
-            f"image is {width}x{height} pixels, an aspect ratio of {ratio}:1, over the limit of {max_aspect:g}:1"
+            f"image is {width}x{height} pixels, an aspect ratio of {ratio}:1, over the limit of {max_aspect:g}:1",
+            reason="aspect_ratio",
         )
     if resize is not None and resize * int(resize * long / short) > MAX_RESIZED_PIXELS:
         raise ImageError(
             f"image is {width}x{height} pixels: resized to a shorter side of {resize} it would be "
-            f"{int(resize * long / short)} pixels long, over the limit of {MAX_RESIZED_PIXELS} pixels"
+            f"{int(resize * long / short)} pixels long, over the limit of {MAX_RESIZED_PIXELS} pixels",
+            reason="too_large",
         )
 
 
@@ -151,9 +164,9 @@ def open_image(
     """
     if isinstance(source, bytes | bytearray | memoryview):
         if len(source) == 0:
-            raise ImageError("empty input: 0 bytes")
+            raise ImageError("empty input: 0 bytes", reason="empty")
         if len(source) > MAX_IMAGE_BYTES:
-            raise ImageError(f"image is {len(source)} bytes, over the limit of {MAX_IMAGE_BYTES}")
+            raise ImageError(f"image is {len(source)} bytes, over the limit of {MAX_IMAGE_BYTES}", reason="too_large")
         stream: Any = io.BytesIO(source)
     else:
         stream = source
@@ -170,17 +183,17 @@ def open_image(
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognized format)") from None
+        raise ImageError("not an image (unrecognized format)", reason="not_an_image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image too large (decompression bomb guard): {e}") from None
+        raise ImageError(f"image too large (decompression bomb guard): {e}", reason="too_large") from None
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"corrupt or truncated image: {_reason(e)}") from None
+        raise ImageError(f"corrupt or truncated image: {_reason(e)}", reason="corrupt") from None
     except MemoryError:
         raise
     except Exception as e:  # a decoder's own bug on hostile bytes (KeyError, IndexError, struct.error...)
-        raise ImageError(f"corrupt image: {_reason(e, with_type=True)}") from None
+        raise ImageError(f"corrupt image: {_reason(e, with_type=True)}", reason="corrupt") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -218,7 +231,7 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     """Central ``size x size`` crop with torchvision's rounding."""
     w, h = img.size
     if w < size or h < size:
-        raise ImageError(f"image {w}x{h} is smaller than the {size}x{size} crop")
+        raise ImageError(f"image {w}x{h} is smaller than the {size}x{size} crop", reason="too_small")
     top = round((h - size) / 2.0)
     left = round((w - size) / 2.0)
     return img.crop((left, top, left + size, top + size))

@@ -71,10 +71,9 @@ def jpeg_images(settings: Settings, count: int) -> list[bytes]:
 
 def triton(repo: Path) -> Any:
     """A Triton server on free ports for ``repo`` (not started; not watching the repository)."""
-    from serve.server import TritonServer, free_port
+    from serve.server import TritonServer
 
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    return TritonServer(repo, **ports, exit_timeout=3, poll_secs=0)  # the repository does not change
+    return TritonServer.on_free_ports(repo, exit_timeout=3, poll_secs=0)  # the repository does not change
 
 
 def load(server: Any, protocol: str, kind: str, tensors: np.ndarray, blobs: list[bytes], timeout: float = 30.0) -> Load:

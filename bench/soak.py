@@ -51,7 +51,8 @@ def run(
         loads = {v: load(s, "grpc", "tensor", tensors, [], timeout=CLIENT_TIMEOUT_S) for v, s in servers.items()}
         first = next(iter(VARIANTS))
         with stage("capacity: closed loop, concurrency 4 (first server alone)"):
-            capacity = loads[first].closed(4, seconds=2.0 if settings.quick else 15.0)["images_per_s"]
+            # A refusal here (the machine starved by something else) lowers capacity; it must not end the run.
+            capacity = loads[first].closed(4, seconds=2.0 if settings.quick else 15.0, check=False)["images_per_s"]
         rate = LOAD_LEVEL * capacity / len(VARIANTS)
         log(f"   capacity {capacity:.1f} requests/s; {rate:.2f} requests/s to each of {len(VARIANTS)} servers")
         rows: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}

@@ -19,6 +19,7 @@ open, its metadata and readiness, and the export's naming (``NAME`` and ``NAME_i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import threading
@@ -214,6 +215,21 @@ def _message(e: BaseException) -> str:
     return (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
 
 
+# Defaults, from the measurements in docs/soak-notes.md (2-core CPU, the fleet of deploy/local_fleet.py):
+# timeout: 10 s covers the load balancer's whole budget (3 tries of 3 s, serve/endpoints.py) and 5x the slowest
+# healthy answer measured (p99.9 1.9 s: 8 camera photos at full load), so a healthy request never times out here.
+DEFAULT_TIMEOUT_S = 10.0
+# retries: 3, so that an overload refusal is tried again over about 1.3 s, the time the shipped queue takes to
+# drain at 2x overload; more only adds load to a full server.
+DEFAULT_RETRIES = 3
+# backoff: 0.2 s doubling (0.2, 0.4, 0.8 s, each jittered to between half and all of it): 3 retries span up to
+# 1.4 s, that drain time, and no more.
+DEFAULT_BACKOFF_S = 0.2
+# A request that timed out (a hung server, or a connection that went silent) is sent once more, on a fresh
+# connection: inference is idempotent, and through a load balancer the retry finds another replica.
+TIMEOUT_RETRIES = 1
+
+
 class TritonClassifier:
     """Classify images with a 3G-Net model served by Triton, over gRPC or HTTP.
 
@@ -226,15 +242,18 @@ class TritonClassifier:
         url: str | None = None,
         protocol: str = "grpc",
         model: str = DEFAULT_MODEL,
-        timeout: float = 30.0,
-        retries: int = 3,
-        backoff: float = 0.2,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF_S,
         tls: Tls | None = None,
         inference_key: str | None = None,
         control_key: str | None = None,
         resize: int | None = None,
     ) -> None:
-        """``inference_key``: for a server whose inference is locked too. ``control_key``: the operators'
+        """``timeout``: seconds per try (10: the balancer's 3 tries of 3 s fit; healthy answers' p99.9 is 1.9 s).
+        ``retries``: how often what passes is tried again (3: refusals outlast the ~1.3 s a full queue drains).
+        ``backoff``: the first retry's delay, doubling (0.2 s: 3 retries span up to 1.4 s, that drain time).
+        ``inference_key``: for a server whose inference is locked too. ``control_key``: the operators'
         key, for their tools only; with it the model is described from its config (preprocessing record,
         batch size, architecture). ``resize``: the shorter side before the centre crop, for local
         preprocessing when the server keeps the record private (the crop comes from the model's input)."""
@@ -291,17 +310,27 @@ class TritonClassifier:
             self._local.client = client
         return client
 
-    def _call(self, what: str, fn: Callable[..., T], retries: int | None = None) -> T:
+    def _drop_client(self) -> None:
+        """Forget this thread's connection (closed), so that the next call opens a fresh one."""
+        client, self._local.client = getattr(self._local, "client", None), None
+        if client is not None:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close; it is dropped all the same
+                client.close()
+
+    def _call(self, what: str, fn: Callable[..., T], retries: int | None = None, idempotent: bool = True) -> T:
         """``fn(client, **timeout)`` on this thread's client. What passes is retried with
         exponential backoff and jitter: connection errors (then :class:`ServerUnreachable`),
         overload refusals (then :class:`ServerOverloaded`) and a model missing while the
-        server reloads it (then :class:`ModelUnavailable`). Other failures raise
-        :class:`RequestFailed` with the server's message at once."""
+        server reloads it (then :class:`ModelUnavailable`). A timeout of an ``idempotent`` call
+        (every call here: inference is stateless, the rest reads) is retried ``TIMEOUT_RETRIES``
+        time(s) at once on a fresh connection (a hung replica behind a balancer: the retry goes to
+        another), within ``retries``. Other failures raise :class:`RequestFailed` with the
+        server's message at once."""
         kwargs: dict[str, Any] = {"headers": self.headers or None}
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout  # HTTP: set on the client
         retries = self.retries if retries is None else retries
-        attempt = 0
+        attempt = timeouts = 0
         while True:
             try:
                 return fn(self._client(), **kwargs)
@@ -309,7 +338,15 @@ class TritonClassifier:
                 if _is_restricted(e):
                     raise AccessDenied(f"{what}: the server at {self.where} wants a key: {_message(e)}") from None
                 if _is_timeout(e):
-                    raise RequestFailed(f"{what}: no answer from {self.where} within {self.timeout:g} s") from None
+                    if idempotent and timeouts < TIMEOUT_RETRIES and attempt < retries:
+                        timeouts += 1
+                        attempt += 1
+                        self._drop_client()
+                        continue  # no backoff: the time is already spent waiting
+                    raise RequestFailed(
+                        f"{what}: no answer from {self.where} within {self.timeout:g} s "
+                        f"({timeouts + 1} attempt{'s' if timeouts else ''})"
+                    ) from None
                 tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
                 if _is_overloaded(e):
                     if attempt == retries:

@@ -15,6 +15,11 @@ input on stdout: {"path", "top_k": [{"index", "label", "probability"}...]} or
 entering each folder once; what they leave out (a symlink loop, a broken link) is
 said on stderr.
 
+--evaluate DIR: accuracy through the server on an ImageFolder (DIR/<class>/<images>, class
+folders named as the model's labels): top-1 and top-5 for the bytes path and, with the
+preprocessing record or --resize, the tensor path, beside the checkpoint's recorded
+validation accuracy when the server shows it.
+
 Exit status:
   0    every input classified
   1    some input missing, unreadable or not an image, or refused by an overloaded
@@ -23,7 +28,7 @@ Exit status:
        missing or not ready (also when either goes away during the run), a key the
        server wants and did not get (--inference-key-file), or bad arguments (a --url
        with a scheme other than the protocol's, --send tensor without --resize on a
-       locked server)
+       locked server, an --evaluate class folder that names no label of the model)
   130  interrupted (Ctrl-C)
 """
 
@@ -43,11 +48,22 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
+from client.evaluate import (
+    TOP_K,
+    Evaluation,
+    FolderMismatch,
+    Score,
+    class_folders,
+    load_dataset,
+    recorded_accuracy,
+    server_labels,
+)
 from client.image_files import collect
 from client.inference import (
     DEFAULT_MODEL,
     PROTOCOLS,
     ClientError,
+    ModelInfo,
     ModelUnavailable,
     Prediction,
     RequestFailed,
@@ -128,6 +144,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=_at_least(0),
         default=3,
         help="retries on connection errors and overload refusals, with backoff and jitter (default 3)",
+    )
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="PATH is an ImageFolder (DIR/<class>/<images>): print top-1 and top-5 through the server",
     )
     add_connection_args(p)
     return p.parse_args(argv)
@@ -220,7 +241,95 @@ def report(outcome: Outcome, as_json: bool, width: int) -> None:
         _emit(_human(outcome, width), sys.stdout)
 
 
+def connect(args: argparse.Namespace, url: str | None, protocol: str) -> tuple[TritonClassifier, ModelInfo]:
+    """The classifier for the flags, and the model it finds on the server."""
+    classifier = TritonClassifier(
+        url, protocol, args.model, timeout=args.timeout, retries=args.retries, resize=args.resize,
+        **connection_from_args(args),
+    )  # fmt: skip
+    try:
+        return classifier, classifier.describe()
+    except ClientError:
+        raise
+    except Exception as e:  # an answer in another protocol: HTTP sent to the gRPC port, or the reverse
+        names = {"grpc": "gRPC", "http": "HTTP"}
+        other = next(p for p in PROTOCOLS if p != protocol)
+        raise ServerUnreachable(
+            f"cannot talk to Triton at {classifier.where}: the answer is not {names[protocol]} "
+            f"({type(e).__name__}: {str(e) or 'no detail'}); is it the {names[other]} port? (--protocol {other})"
+        ) from None
+
+
+def classify_all(
+    classifier: TritonClassifier, files: list[Path], top_k: int, pp: Preprocessing | None, args: argparse.Namespace
+) -> list[Outcome]:
+    """Every file, in order, in batches of ``--batch-size`` with ``--concurrency`` requests in flight."""
+    batch = min(args.batch_size, classifier.describe().max_batch_size or 1)
+    chunks = [files[i : i + batch] for i in range(0, len(files), batch)]
+    outcomes: list[Outcome] = []
+    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=len(files) < PROGRESS_MIN or None)
+    with bar, ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        futures = [pool.submit(classify_files, classifier, chunk, top_k, pp) for chunk in chunks]
+        try:
+            for future in futures:
+                outcomes += future.result()
+                bar.update(len(outcomes) - bar.n)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return outcomes
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``--evaluate DIR``: top-1 and top-5 through the server for each wire path it can take."""
+    if len(args.paths) != 1:
+        raise UsageError("--evaluate takes one folder, an ImageFolder: DIR/<class>/<images>")
+    root = Path(args.paths[0])
+    class_folders(root)  # a wrong folder is said before the server is asked anything
+    url, protocol = resolve_url(args.url, args.protocol)
+    classifier, info = connect(args, url, protocol)
+    data = load_dataset(root, server_labels(classifier, info))
+    for path, why in data.skipped:
+        print(f"note: skipped {path}: {why}", file=sys.stderr)
+    if not data.files:
+        print(f"nothing to evaluate: no images in the class folders of {root}", file=sys.stderr)
+        return EXIT_INPUT_ERRORS
+    paths: list[tuple[str, str, Preprocessing | None]] = []
+    notes = []
+    if info.image_model is not None:
+        paths.append(("bytes", "server preprocesses", None))
+    else:
+        notes.append(f"bytes path not evaluated: model '{info.name}' has no image-bytes ensemble ready")
+    if info.preprocessing is not None:
+        paths.append(("tensor", f"local, resize {info.preprocessing.resize}", info.preprocessing))
+    else:
+        notes.append(
+            "tensor path not evaluated: the server keeps the preprocessing record private; "
+            "give --resize N (the shorter side before the centre crop) to evaluate it too"
+        )
+    if not paths:
+        raise ModelUnavailable(f"model '{info.name}': no bytes ensemble and no preprocessing record; give --resize")
+    scores = []
+    for name, how, pp in paths:
+        score = Score(name, how)
+        for outcome, truth in zip(classify_all(classifier, data.files, TOP_K, pp, args), data.truth, strict=True):
+            if outcome.error is not None:
+                print(f"{outcome.path}: error ({name}): {outcome.error}", file=sys.stderr)
+            score.add(outcome.top_k if outcome.error is None else None, truth)
+        scores.append(score)
+    recorded, recorded_note = recorded_accuracy(classifier, info)
+    result = Evaluation(
+        model=info.summary(), where=classifier.where, images=len(data.files), classes=len(data.classes),
+        num_classes=info.num_classes, scores=scores, recorded=recorded, recorded_note=recorded_note, notes=notes,
+    )  # fmt: skip
+    for line in [result.to_json()] if args.json else result.lines():
+        print(line)
+    return EXIT_INPUT_ERRORS if any(s.failed for s in scores) else EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.evaluate:
+        return evaluate(args)
     url, protocol = resolve_url(args.url, args.protocol)
     inputs = collect(args.paths)
     for path, why in inputs.skipped:
@@ -231,21 +340,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"nothing to classify: {len(inputs.problems)} path(s) not found", file=sys.stderr)
         return EXIT_INPUT_ERRORS
 
-    classifier = TritonClassifier(
-        url, protocol, args.model, timeout=args.timeout, retries=args.retries, resize=args.resize,
-        **connection_from_args(args),
-    )  # fmt: skip
-    try:
-        info = classifier.describe()
-    except ClientError:
-        raise
-    except Exception as e:  # an answer in another protocol: HTTP sent to the gRPC port, or the reverse
-        names = {"grpc": "gRPC", "http": "HTTP"}
-        other = next(p for p in PROTOCOLS if p != protocol)
-        raise ServerUnreachable(
-            f"cannot talk to Triton at {classifier.where}: the answer is not {names[protocol]} "
-            f"({type(e).__name__}: {str(e) or 'no detail'}); is it the {names[other]} port? (--protocol {other})"
-        ) from None
+    classifier, info = connect(args, url, protocol)
     pp = info.preprocessing
     if args.send == "tensor" and pp is None:
         raise ModelUnavailable(
@@ -289,7 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ClientError, UsageError) as e:  # server unreachable, model missing: nothing can be classified
+    except (
+        ClientError,
+        UsageError,
+        FolderMismatch,
+    ) as e:  # server unreachable, model missing: nothing can be classified
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SERVER
     except BrokenPipeError:  # the reader went away (| head): stop without a traceback

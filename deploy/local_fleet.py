@@ -63,11 +63,17 @@ from serve.endpoints import (  # noqa: E402
     DATA_PLANE_GRPC_METHODS,
     METRICS_PATH,
     READY_PATH,
+    UPSTREAM_ATTEMPTS,
+    UPSTREAM_TIMEOUT_S,
     Addresses,
 )
 from serve.server import free_port  # noqa: E402
 
 CHECK_INTERVAL_MS = 500
+# A health check with no answer after this long fails (a frozen replica accepts the connection and says
+# nothing): out of the pool within CHECK_INTERVAL_MS + CHECK_TIMEOUT_MS, well before UPSTREAM_TIMEOUT_S, so
+# that the retry of a request it held finds it gone. 16x the slowest check measured under full load (61 ms).
+CHECK_TIMEOUT_MS = 1000
 RULES_FILE = ROOT / "deploy" / "kubernetes" / "monitoring" / "rules.yml"  # generated from prometheus-rule.yaml
 SCRAPE_JOB = "threegnet-triton"  # the job the ServiceMonitor gives the replicas in the cluster (its Service's name)
 SCRAPE_INTERVAL_S = 2  # the cluster scrapes every 15 s; the rehearsal's tests want to see within seconds (1 s
@@ -88,11 +94,14 @@ defaults
     mode http
     timeout connect 1s
     timeout client 120s
-    timeout server 120s
+    # A replica silent this long holds the request no more: it is retried on another (serve/endpoints.py).
+    timeout server {server_timeout}s
+    timeout check {check_timeout}ms
     timeout http-request 30s
-    retries 3
+    retries {retries}
     option redispatch 1         # every retry goes to another replica
-    retry-on conn-failure empty-response response-timeout
+    # 503: a replica refusing (its queue full) leaves the request to one that may have room.
+    retry-on conn-failure empty-response response-timeout 503
 
 frontend http
     bind {host}:{http_port}{http_tls}
@@ -121,6 +130,8 @@ backend triton_http
 
 backend triton_grpc
     balance roundrobin
+    # A stream of requests may sit idle between them; it is never retried (not buffered whole) either.
+    http-request set-timeout server 120s if {{ path /inference.GRPCInferenceService/ModelStreamInfer }}
     option httpchk GET {ready_path}
     http-check expect status 200
     default-server inter {interval}ms fall 1 rise 2
@@ -267,6 +278,7 @@ class Fleet(Addresses):
         return HAPROXY_CONFIG.format(
             socket=self.socket, host=self.host, http_port=self.http_port, grpc_port=self.grpc_port,
             stats_port=self.stats_port, ready_path=READY_PATH, interval=CHECK_INTERVAL_MS,
+            server_timeout=UPSTREAM_TIMEOUT_S, check_timeout=CHECK_TIMEOUT_MS, retries=UPSTREAM_ATTEMPTS - 1,
             http_servers=servers("http_port", False), grpc_servers=servers("grpc_port", True),
             http_tls=http_tls, grpc_tls=grpc_tls, data_plane=DATA_PLANE_PATH, grpc_methods=methods,
         )  # fmt: skip

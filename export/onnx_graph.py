@@ -76,6 +76,14 @@ def check_graph(model: onnx.ModelProto) -> dict[str, int]:
     return dict(ops)
 
 
+def module_path(node: onnx.NodeProto) -> list[str]:
+    """Where ``node`` was traced, from the ``namespace`` metadata the exporter writes on every node:
+    ``""`` (the serving wrapper), the module paths below it (``model.head``, ``model.head.AtMp1`` ...)
+    and last the op itself (``mul_445``); ``[]`` for a node without that metadata."""
+    namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+    return [part.split(":")[0].strip() for part in namespace.split("/")] if namespace else []
+
+
 def second_order_nodes(graph: onnx.GraphProto) -> list[str]:
     """Names of the covariance / Newton-Schulz / vectorization nodes.
 
@@ -86,8 +94,7 @@ def second_order_nodes(graph: onnx.GraphProto) -> list[str]:
     """
     names = []
     for node in graph.node:
-        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
-        path = [part.split(":")[0].strip() for part in namespace.split("/")]
+        path = module_path(node)
         if len(path) >= 3 and path[1].endswith("head") and (len(path) == 3 or path[2].endswith("head.vectorize")):
             names.append(node.name)
     return names

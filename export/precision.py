@@ -18,7 +18,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from export.onnx_graph import second_order_nodes
+from export.onnx_graph import module_path, second_order_nodes
 from export.serving_model import ServingModel
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -27,16 +27,12 @@ PRECISIONS = ("fp32", "fp16", "int8")
 def half_precision(serving: ServingModel) -> ServingModel:
     """A copy whose ResNet backbone runs in fp16 and whose head and fc stay fp32.
 
-    ``ThreeGNet.forward_with_weights`` casts the backbone's features to the head's
-    dtype, so the traced graph holds one explicit Cast before the head. Not only the
-    second-order ops need fp32: the re-weighting stages' products overflow fp16 too
-    (training with ``--amp fp16`` gave NaN descriptors, see training/train.py). The
-    head is ~8% of ResNet50-3G's FLOPs.
+    What stays fp32 is the model's rule (``ThreeGNet.FP16_FP32_MODULES``, the same as for
+    training with ``--amp fp16``); ``ThreeGNet.forward_with_weights`` casts the backbone's
+    features to the head's dtype, so the traced graph holds one explicit Cast before the head.
     """
     half = copy.deepcopy(serving)
-    half.model.half()
-    half.model.head.float()
-    half.model.fc.float()
+    half.model.half_backbone()
     return half
 
 
@@ -49,11 +45,6 @@ class _Calibration(CalibrationDataReader):
         return None if batch is None else {"image": batch}
 
 
-def _module_path(node: onnx.NodeProto) -> list[str]:
-    namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
-    return [part.split(":")[0].strip() for part in namespace.split("/")] if namespace else []
-
-
 def wrapper_nodes(graph: onnx.GraphProto) -> list[str]:
     """Names of the nodes the serving wrapper itself runs, outside the model: the input
     normalization (uint8 -> float, ``* scale + shift``), the softmax and the weight map's squeeze.
@@ -61,7 +52,7 @@ def wrapper_nodes(graph: onnx.GraphProto) -> list[str]:
     Found, like :func:`export.onnx_graph.second_order_nodes`, from the ``namespace``
     metadata the exporter writes: their module path has no module below ``ServingModel``.
     """
-    return [node.name for node in graph.node if len(_module_path(node)) == 2]
+    return [node.name for node in graph.node if len(module_path(node)) == 2]
 
 
 def module_nodes(graph: onnx.GraphProto, modules: tuple[str, ...]) -> list[str]:
@@ -69,7 +60,7 @@ def module_nodes(graph: onnx.GraphProto, modules: tuple[str, ...]) -> list[str]:
     ``model.head.AtMp1``, at any depth). A convolution followed by a BatchNorm is one fused Conv
     in the graph, named after the BatchNorm (ResNet's first convolution is ``model.bn1``)."""
     wanted = set(modules)
-    return [node.name for node in graph.node if wanted & set(_module_path(node)[1:])]
+    return [node.name for node in graph.node if wanted & set(module_path(node)[1:])]
 
 
 def missing_modules(graph: onnx.GraphProto, modules: tuple[str, ...]) -> list[str]:

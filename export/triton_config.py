@@ -19,54 +19,25 @@ from serve.endpoints import CLASSIFIER_SUFFIX, IMAGE_MODEL_SUFFIX
 LABELS_FILE = "labels.txt"
 BYTES_INPUT = "image_bytes"
 
-# Serving defaults, measured with bench/serving.py (numbers and the sweep in docs/performance.md).
-# ResNet50-3G on the 2-core CPU: one image 36-110 ms (idle to loaded machine); on an H100 7.5 ms at any
-# batch up to 16.
-#
-# On the CPU images/s grow only ~15% from batch 8 to 32; on an H100 they flatten between 64 and 128.
-# 32 keeps most of the GPU's gain while bounding what one execution holds in memory and in latency.
+# Serving defaults, each measured (ResNet50-3G on the 2-core CPU and an H100): a reason and where its numbers are.
+# Most of the GPU's batching gain (it flattens from 64 to 128) with one execution's memory and latency bounded:
+# docs/performance.md#one-instance-or-two-it-depends-on-the-machine
 MAX_BATCH_SIZE = 32
-# How long an idle instance waits for more requests to batch. Two full runs of bench/serving.py on
-# the 2-core CPU, concurrency 4, the four protocol/input rows each: 2 ms left batches of 2-3
-# (clients resend a few ms apart on a loaded machine) and served 80-102% of in-process; 10 ms formed
-# batches of 3.6-3.9 and served 76-88%: no throughput gain, because batching gains little on a CPU
-# (batch 1 -> 4: +20% images/s) and co-tenant load dominates (docs/performance.md, section 4).
-# What 10 ms does cost is 10 ms on a request that arrives alone (~10% of one CPU inference here,
-# more than a whole GPU inference: 7.5 ms on an H100 at any batch up to 16). So 2 ms.
+# How long an idle instance waits for more requests: 10 ms gained no throughput and costs a lone request 10 ms:
+# docs/performance.md#one-instance-or-two-it-depends-on-the-machine
 QUEUE_DELAY_US = 2000
-# Model instances, each with its own onnxruntime session (to_onnx.py --instances). One session with
-# all the cores is what in-process onnxruntime runs, and on a quiet 2-core machine it served 82-102% of
-# in-process at concurrency 1-16 (90-94% at 4) where 2 instances x 1 thread served 51-101% (a request
-# that arrives alone gets one core; python -m bench.studies.serving_sweep, docs/performance.md section 4). Two
-# instances pay off where the cores are contended: on this machine shared with busy co-tenants (load
-# 3-4), 2 x 1 thread served 1.45-1.7x one 2-thread session, which stalls whenever either core is taken.
-# On a GPU, Triton creates this many instances per GPU; 2 overlap one request's host work with the
-# other's kernels.
+# Model instances (to_onnx.py --instances): one with all the cores on a quiet CPU; two pay off on contended cores:
+# docs/performance.md#one-instance-or-two-it-depends-on-the-machine
 MODEL_INSTANCES = 1
-# onnxruntime intra-op threads per instance (to_onnx.py --intra-op-threads); 0 = the machine's cores
-# shared out among the instances (the python-backend stand-in applies that rule at load time; Triton's
-# onnxruntime backend reads 0 as "all cores", so with several instances on a CPU-only deployment in
-# NVIDIA's container give cores / instances).
+# onnxruntime threads per instance (to_onnx.py --intra-op-threads); 0: the cores shared out among the instances:
+# docs/performance.md#one-instance-or-two-it-depends-on-the-machine
 INTRA_OP_THREADS = 0
-# Whether onnxruntime's intra-op threads spin (busy-wait) for the next operator's work instead of
-# sleeping (to_onnx.py --allow-spinning; onnxruntime's own default is to spin). Off: bench/payloads.py on
-# the 2-core CPU (ResNet50-3G, gRPC, concurrency 4, two runs alternating on/off) served the tensor path
-# at 24.1-24.4 img/s with spinning off and 18.6-19.5 with it on, and 12 MP JPEGs as bytes at 15.1 against
-# 13.8-14.1: between batches, and while the decoders need a core, the model's threads burnt it waiting.
-# Read by the python-backend stand-in as an onnxruntime session config entry (every ``session.*``
-# parameter is); Triton's onnxruntime backend does not document it, so in NVIDIA's container it may do nothing.
+# No busy-waiting (to_onnx.py --allow-spinning): spinning threads took the cores the decoders and the batcher needed:
+# docs/performance.md#4-serving-overhead
 ALLOW_SPINNING = False
 SPINNING_PARAMETER = "session.intra_op.allow_spinning"
-# The preprocessing model (decode + resize + crop: single-threaded Pillow, so one thread per instance)
-# gets one instance per core of the machine that exports, at most MAX_PREPROCESS_INSTANCES
-# (to_onnx.py --preprocess-instances to size it for another machine). Why one per core: a 12 MP
-# JPEG costs about 20 ms of one core even on the fast path (docs/performance.md section 7), so on a
-# GPU, where the model answers in a few ms, decoding is the bottleneck and wants every core. On a CPU
-# the model and the decoders share the cores; bench/payloads.py on this 2-core machine (ResNet50-3G,
-# gRPC, concurrency 4, 12 MP JPEGs, onnxruntime still spinning) measured 2 instances at 13.6 img/s and
-# 1 at 12.5 (0.76x and 0.72x of the tensor path, alternating in the same run): with one decoder, a
-# burst of photos queues behind it while a core idles between model runs. An idle instance costs only
-# memory (about 60 MB), hence the cap rather than more instances than cores.
+# Decoding is single-threaded: one preprocessing instance per core (--preprocess-instances), at most 16 (~60 MB each):
+# docs/performance.md#one-instance-or-two-it-depends-on-the-machine
 MAX_PREPROCESS_INSTANCES = 16
 
 
@@ -76,21 +47,11 @@ def default_preprocess_instances() -> int:
 
 
 PREPROCESS_INSTANCES = default_preprocess_instances()
-# Admission control (to_onnx.py --max-queue-size / --queue-timeout-ms): without it Triton's queue is
-# unbounded, and 2x overload gave p99 30 s here (DESIGN §5). The main bound is the queue's length: a
-# request that finds MAX_QUEUE_SIZE requests waiting is refused at once (gRPC UNAVAILABLE, HTTP 503).
-# Under overload the batcher takes the whole queue as one batch (MAX_BATCH_SIZE > MAX_QUEUE_SIZE), so an
-# admitted request waits for the batch ahead of it and then runs in its own: about 2 x MAX_QUEUE_SIZE /
-# throughput. bench/overload.py measured ResNet50-3G on the 2-core CPU at about 24 requests/s under
-# overload; a queue of 24 gave p99 2.4 s at 2x capacity (target 2 s), so 16: about 1.3 s. Size it to
-# about half a second of your deployment's throughput (a GPU: --max-queue-size 2048 or more).
+# Admission control (--max-queue-size): a full queue refuses at once; 16 keeps the p99 at 2x load under 2 s here:
+# docs/performance.md#5-overload-admission-control
 MAX_QUEUE_SIZE = 16
-# The queue timeout is only a safety net, not the mechanism, because of Triton 2.51 itself (measured,
-# docs/performance.md section 5): with any queue policy about 1 request in 100 sits in the queue until
-# the batcher's 500 ms wake-up even when an instance is free. With a 500-600 ms timeout those requests
-# were refused under ordinary load (0.8% at half capacity); 1500 ms exceeds that stall plus a full
-# batch, so it refuses only requests something else has held up. Clients may ask for a shorter
-# timeout per request (allow_timeout_override). 0 turns it off.
+# A safety net only (--queue-timeout-ms; 0: off): Triton 2.51 holds ~1 request in 100 for 500 ms under any policy:
+# docs/performance.md#5-overload-admission-control
 QUEUE_TIMEOUT_MS = 1500
 # Which versions Triton serves (to_onnx.py --version-policy): the newest, so an export into a served
 # repository rolls out; serve/versions.py pins an older one (rollback).

@@ -1,6 +1,6 @@
 """Child processes that never outlive their owner, and stop signals that always stop it.
 
-Every entry point that starts processes (``pipeline/demo.py``, ``serve/launch.py``, the
+Every entry point that starts processes (``pipeline/run_all.py``, ``serve/launch.py``, the
 benchmarks) owns them: SIGINT sent to its own pid, SIGTERM and SIGHUP all mean "stop
 everything and exit", even when the shell started it with SIGINT ignored (a background
 job); a child gets SIGTERM from the kernel when its owner dies, even by SIGKILL
@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from types import FrameType
 
@@ -84,3 +85,26 @@ def wait_any(procs: Sequence[subprocess.Popen], poll: float = 0.5) -> subprocess
             if proc.poll() is not None:
                 return proc
         time.sleep(poll)
+
+
+class NotAnswering(RuntimeError):
+    """A child process exited, or did not answer HTTP 200 in time (see :func:`wait_http_ok`)."""
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen, timeout: float, poll: float = 0.5) -> None:
+    """Block until ``url`` answers HTTP 200 while ``proc``, which serves it, runs.
+
+    Raises :class:`NotAnswering` saying why ("exited with status N", "not ready after T s (url)").
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise NotAnswering(f"exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(poll)
+    raise NotAnswering(f"not ready after {timeout:.0f} s ({url})")

@@ -53,3 +53,12 @@ DATA_PLANE_GRPC_METHODS = (
 # probabilities only) and NAME_image_classifier; clients find them by these names.
 IMAGE_MODEL_SUFFIX = "_image"
 CLASSIFIER_SUFFIX = "_classifier"
+# When a replica hangs (docs/deploy.md "When a pod hangs"; the measurements in docs/soak-notes.md). The load
+# balancer in front (HAProxy in deploy/local_fleet.py, ingress-nginx in the cluster) and the liveness probe read
+# these; tests/test_deploy_manifests.py checks that the manifests agree.
+UPSTREAM_TIMEOUT_S = 3  # a replica silent this long is given up on: 1.5x the slowest healthy p99.9 (1.9 s)
+UPSTREAM_ATTEMPTS = 3  # tries per request, each on another replica: the first and two retries
+UPSTREAM_BUDGET_S = UPSTREAM_TIMEOUT_S * UPSTREAM_ATTEMPTS  # all of them together, then an error, never a queue
+LIVENESS_PERIOD_S = 10  # how often the kubelet asks /v2/health/live
+LIVENESS_TIMEOUT_S = 5  # an answer later than this is a failure: several times the slowest at 2x overload
+LIVENESS_FAILURES = 3  # failures in a row before the container is restarted

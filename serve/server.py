@@ -236,8 +236,15 @@ class TritonServer(Addresses):
         self.standin_models: list[str] = []
         self.binary: ServerBinary | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None
-        self.shadow: Path | None = None  # the stand-in's shadow of the repository, if any
+        self.shadow: Path | None = None  # what Triton reads: verified versions, stand-in configs (serve/standin.py)
         self._reader: threading.Thread | None = None
+
+    @classmethod
+    def on_free_ports(cls, model_repository: str | os.PathLike, **kwargs) -> TritonServer:
+        """A server (not started) whose HTTP, gRPC and metrics ports are free ones on its host."""
+        host = kwargs.get("host", "127.0.0.1")
+        ports = {name: free_port(host) for name in ("http_port", "grpc_port", "metrics_port")}
+        return cls(model_repository, **ports, **kwargs)
 
     # -- addresses and keys ----------------------------------------------------------------
     @property

@@ -88,11 +88,9 @@ def model_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def triton(model_repository: Path):
     """A real Triton server (``serve/server.py``) on free ports, serving ``model_repository``."""
-    from serve.server import TritonServer, free_port
+    from serve.server import TritonServer
 
     # Clients in the tests keep connections open; don't wait 30 s for them at the end.
-    server = TritonServer(
-        model_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), exit_timeout=3
-    )
+    server = TritonServer.on_free_ports(model_repository, exit_timeout=3)
     with server:
         yield server

@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-PART_FILES = ("model_speed", "low_precision", "serving", "overload", "payloads")
+PART_FILES = ("model_speed", "low_precision", "serving", "overload", "payloads", "soak")
 STUDIES = ("decoding", "head_share", "int8", "reproduce_paper", "serving_sweep")
 
 

@@ -58,19 +58,19 @@ def test_own_checkpoint_carries_its_metadata(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
-def test_missing_file(tmp_path):
+def test_a_missing_checkpoint_file_is_named_as_missing(tmp_path):
     with pytest.raises(CheckpointError, match=r"nope\.pth\.tar: no such file"):
         load_model(tmp_path / "nope.pth.tar")
 
 
-def test_not_a_checkpoint(tmp_path):
+def test_a_file_that_is_no_checkpoint_is_named_as_unreadable(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("hello")
     with pytest.raises(CheckpointError, match=r"notes\.txt: not a readable PyTorch checkpoint"):
         load_model(path)
 
 
-def test_truncated_checkpoint(tmp_path):
+def test_a_truncated_checkpoint_is_named_as_unreadable(tmp_path):
     path = tmp_path / "cut.pth.tar"
     released_checkpoint(path)
     path.write_bytes(path.read_bytes()[:100_000])
@@ -78,14 +78,14 @@ def test_truncated_checkpoint(tmp_path):
         load_model(path)
 
 
-def test_pickled_code_is_refused(tmp_path):
+def test_a_checkpoint_holding_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "hook": print}, path)  # weights_only=True refuses a function
     with pytest.raises(CheckpointError, match=r"evil\.pth"):
         load_model(path)
 
 
-def test_state_dict_of_another_model(tmp_path):
+def test_a_state_dict_of_another_model_is_refused_as_not_a_3g_net(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, path)
     with pytest.raises(CheckpointError, match=r"resnet\.pth: not a 3G-Net state dict"):
@@ -103,7 +103,7 @@ def test_arch_mismatch_names_the_missing_and_unexpected_keys(tmp_path):
     assert "shape mismatches" in msg
 
 
-def test_class_count_override_mismatch(tmp_path):
+def test_a_class_count_other_than_the_checkpoints_names_both_fc_shapes(tmp_path):
     path = tmp_path / "r18.pth.tar"
     released_checkpoint(path, "resnet18_3g", 10)
     with pytest.raises(CheckpointError, match=r"fc\.weight: checkpoint \(10, 32896\) vs model \(5, 32896\)"):

@@ -32,7 +32,7 @@ def test_explicit_files_are_sent_whatever_their_suffix_and_only_once(tmp_path):
     assert inputs.files == [notes, a]
 
 
-def test_globs_and_missing_paths(tmp_path):
+def test_globs_expand_recursively_and_missing_paths_unmatched_globs_and_empty_folders_are_reported(tmp_path):
     a, c = touch(tmp_path / "x" / "a.png"), touch(tmp_path / "y" / "z" / "c.png")
     touch(tmp_path / "y" / "b.jpg")
     empty = tmp_path / "empty"

@@ -54,7 +54,7 @@ def test_different_class_lists_are_spelled_out(tiny):
         check_classes(tiny, ("train", "val"))
 
 
-def test_a_split_without_class_folders(tmp_path):
+def test_a_split_without_class_folders_is_refused_with_its_name(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "readme.txt").write_text("no folders here")
     with pytest.raises(DataError, match=r"train has no class folders"):
@@ -154,7 +154,7 @@ def test_evaluation_decodes_large_photos_as_the_server_does(tmp_path):
     assert not torch.equal(served, exact)  # the fast path did take effect on this image
 
 
-def test_ten_crop_and_train_shapes():
+def test_ten_crop_gives_ten_crops_whose_fifth_is_the_centre_crop_and_train_crops_have_the_crop_size():
     img = _noise((57, 45), seed=2)
     crops = eval_transform(PP, ten_crop=True)(img)
     assert crops.shape == (10, 3, 32, 32)

@@ -6,8 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
 from photos import photos
 from PIL import Image
 
+from serve.children import NotAnswering, wait_http_ok
 from serve.server import free_port
 from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
@@ -60,20 +59,11 @@ def demo_url(triton, examples, tmp_path_factory):
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the demo exited with status {process.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the demo did not answer at {url}:\n{log.read_text()}")
-            time.sleep(0.3)
+        try:
+            wait_http_ok(url, process, timeout=90, poll=0.3)
+        except NotAnswering as e:
+            pytest.fail(f"the demo {e}:\n{log.read_text()}")
         yield url
     finally:
         process.terminate()

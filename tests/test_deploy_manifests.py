@@ -30,8 +30,14 @@ from serve.endpoints import (
     HTTP_PORT,
     IMAGE,
     LIVE_PATH,
+    LIVENESS_FAILURES,
+    LIVENESS_PERIOD_S,
+    LIVENESS_TIMEOUT_S,
     METRICS_PORT,
     READY_PATH,
+    UPSTREAM_ATTEMPTS,
+    UPSTREAM_BUDGET_S,
+    UPSTREAM_TIMEOUT_S,
 )
 
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -330,3 +336,37 @@ def test_the_grpc_tls_overlay_serves_mutual_tls_from_its_secret():
         p for p in next(r for r in resources if r["kind"] == "Service")["spec"]["ports"] if p["port"] == GRPC_PORT
     )
     assert "appProtocol" not in grpc  # no longer cleartext h2c
+
+
+def test_a_hung_pod_is_handled_with_the_timeouts_the_rehearsal_uses():
+    """The liveness probe and the Ingress's timeouts and retries are serve/endpoints.py's constants, which
+    deploy/local_fleet.py's HAProxy uses too (docs/deploy.md "When a pod hangs")."""
+    from deploy.local_fleet import CHECK_TIMEOUT_MS, Fleet
+
+    for folder in OVERLAYS[:3]:  # every overlay that serves
+        resources = build(folder)
+        live = container(resources)["livenessProbe"]
+        assert (live["periodSeconds"], live["timeoutSeconds"], live["failureThreshold"]) == (
+            LIVENESS_PERIOD_S, LIVENESS_TIMEOUT_S, LIVENESS_FAILURES
+        )  # fmt: skip
+        assert container(resources)["readinessProbe"]["timeoutSeconds"] * 1000 == CHECK_TIMEOUT_MS
+        ingresses = {r["metadata"]["name"]: r["metadata"]["annotations"] for r in resources if r["kind"] == "Ingress"}
+        prefix = "nginx.ingress.kubernetes.io/"
+        for ingress in ingresses.values():
+            assert ingress[prefix + "proxy-read-timeout"] == str(UPSTREAM_TIMEOUT_S)
+        http = ingresses["threegnet-http"]
+        assert http[prefix + "proxy-next-upstream"].split() == ["error", "timeout", "http_503", "non_idempotent"]
+        assert http[prefix + "proxy-next-upstream-tries"] == str(UPSTREAM_ATTEMPTS)
+        assert http[prefix + "proxy-next-upstream-timeout"] == str(UPSTREAM_BUDGET_S)
+        # gRPC: ingress-nginx has no grpc_next_upstream annotation; none that would silently do nothing.
+        assert not any(k.startswith(prefix + "proxy-next-upstream") for k in ingresses["threegnet-grpc"])
+    if shutil.which("haproxy") is None:
+        return  # the rehearsal's side needs HAProxy to build its configuration (make haproxy)
+    fleet = Fleet(ROOT)  # its configuration only: nothing is started
+    try:
+        config = fleet.config()
+    finally:
+        fleet.stop()
+    assert f"timeout server {UPSTREAM_TIMEOUT_S}s" in config and f"retries {UPSTREAM_ATTEMPTS - 1}" in config
+    assert "retry-on conn-failure empty-response response-timeout 503" in config
+    assert "option redispatch 1" in config and f"timeout check {CHECK_TIMEOUT_MS}ms" in config

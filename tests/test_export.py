@@ -17,6 +17,7 @@ from conftest import ROOT, TINY_CLASSES
 from google.protobuf.text_format import ParseError
 from test_checkpoint import released_checkpoint
 
+from export.onnx_graph import module_path, read_metadata
 from export.serving_model import ServingModel
 from export.to_onnx import main as export_main
 from export.triton_config import PREPROCESS_INSTANCES, parse_pbtxt
@@ -78,8 +79,7 @@ def test_graph_is_traced_flat_with_a_dynamic_batch(model_repository):
 
 
 def test_metadata_records_what_clients_and_operators_need(model_repository, tiny_checkpoint):
-    model = onnx.load(str(model_repository / "threegnet" / "1" / "model.onnx"), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = read_metadata(model_repository / "threegnet" / "1" / "model.onnx")
     assert meta["arch"] == "resnet18_3g" and json.loads(meta["num_classes"]) == 4
     pp = json.loads(meta["preprocessing"])
     assert (pp["resize"], pp["crop"], pp["layout"]) == (73, 64, "NHWC")
@@ -218,8 +218,7 @@ def test_int8_keeps_the_second_order_head_and_softmax_in_fp32(tiny_checkpoint, t
     (softmax,) = [n for n in model.graph.node if n.op_type == "Softmax"]
     consumers = [n.op_type for n in model.graph.node if softmax.output[0] in n.input]
     assert "QuantizeLinear" not in consumers
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["precision"] == "int8"
+    assert read_metadata(repo / "threegnet" / "1" / "model.onnx")["precision"] == "int8"
 
 
 def test_int8_keeps_the_modules_asked_for_in_fp32(tiny_checkpoint, tmp_path):
@@ -242,7 +241,7 @@ def test_int8_keeps_the_modules_asked_for_in_fp32(tiny_checkpoint, tmp_path):
 
     assert not any(quantized_convs("model.bn1")) and not any(quantized_convs("model.layer1"))
     assert all(quantized_convs("model.layer2"))  # the rest is still INT8
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = read_metadata(tmp_path / "repo" / "threegnet" / "1" / "model.onnx")
     assert json.loads(meta["verification"])["int8_fp32_modules"] == early
     # A module the model does not have is named, not silently ignored, and nothing is written.
     typo = run_export(*args, "--output-dir", str(tmp_path / "typo"), "--int8-fp32-modules", "model.fc", "model.layr1")
@@ -287,7 +286,7 @@ def test_int8_export_prints_agreement_and_accuracy_and_refuses_below_the_gate(ti
     assert result.returncode == 0, result.stderr
     line = next(x for x in result.stderr.splitlines() if "int8 vs fp32: top-1 agreement" in x)
     assert f"on {12 * len(TINY_CLASSES)} images" in line and "accuracy" in line and "vs fp32" in line
-    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "repo" / "threegnet" / "1" / "model.onnx")).metadata_props}
+    meta = read_metadata(tmp_path / "repo" / "threegnet" / "1" / "model.onnx")
     assert json.loads(meta["verification"])["int8_agreement"] in line
     # Every image "confident" (margin 0): any top-1 change at all must now refuse the export, and write nothing.
     differ = int(line.split(" differ;")[0].rsplit("(", 1)[1])
@@ -321,7 +320,7 @@ def test_fp16_keeps_the_head_in_fp32(tiny_checkpoint, tmp_path):
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
 
     def in_head(node: onnx.NodeProto) -> bool:
-        return any(p.key == "namespace" and "model.head" in p.value for p in node.metadata_props)
+        return "model.head" in module_path(node)
 
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     backbone, head = [n for n in convs if not in_head(n)], [n for n in convs if in_head(n)]

@@ -15,7 +15,7 @@ from conftest import TINY_CLASSES
 from export.precision import half_precision
 from export.serving_model import ServingModel
 from export.to_onnx import main as export_main
-from serve.server import TritonServer, free_port
+from serve.server import TritonServer
 from threegnet_preprocessing import IMAGENET
 from training.checkpoint import load_model
 from training.model import create_model
@@ -99,8 +99,7 @@ def test_triton_serves_the_repository_on_the_gpu(model_repository, tiny_checkpoi
     serving = ServingModel(loaded.model, loaded.preprocessing).eval()
     import tritonclient.grpc as grpcclient
 
-    server = TritonServer(model_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          exit_timeout=3)  # fmt: skip
+    server = TritonServer.on_free_ports(model_repository, exit_timeout=3)
     with server:
         c = grpcclient.InferenceServerClient(server.grpc_url)
         config = c.get_model_config("threegnet", as_json=True, headers=server.grpc_control_headers)["config"]

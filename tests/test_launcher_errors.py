@@ -64,14 +64,7 @@ def test_the_exit_codes_are_in_the_help():
 
 @pytest.mark.slow
 def test_an_ipv6_loopback_is_served_over_both_protocols(model_repository):
-    server = TritonServer(
-        model_repository,
-        host="::1",
-        http_port=free_port("::1"),
-        grpc_port=free_port("::1"),
-        metrics_port=free_port("::1"),
-        exit_timeout=3,
-    )
+    server = TritonServer.on_free_ports(model_repository, host="::1", exit_timeout=3)
     with server:
         assert server.http_url.startswith("[::1]:")
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):

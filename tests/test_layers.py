@@ -44,7 +44,7 @@ def test_newton_schulz_converges_to_the_eigendecomposition_root():
 
 
 @pytest.mark.parametrize(("d", "cond", "bound"), [(8, 10.0, 0.025), (16, 10.0, 0.07), (256, 10.0, 0.55)])
-def test_newton_schulz_error_at_five_iterations(d, cond, bound):
+def test_newton_schulz_error_at_five_iterations_stays_under_the_measured_bound(d, cond, bound):
     """Measured relative Frobenius error of 5 iterations vs eigh, fp32, eigenvalues over
     [0.1, 1]: d=8: 0.021, d=16: 0.059, d=256: 0.51 (10 iterations: 3.5e-3 at d=256,
     20: < 1e-6). The trace pre-normalization puts the spectrum near 1/d, where 5 steps
@@ -96,7 +96,7 @@ def test_vectorization_order_is_the_released_one(d):
     assert TriangularVectorize(d).out_features == d * (d + 1) // 2
 
 
-def test_index_buffer_is_not_in_the_state_dict():
+def test_the_vectorization_index_buffer_is_not_in_the_state_dict():
     assert "index" not in TriangularVectorize(8).state_dict()
 
 
@@ -115,7 +115,7 @@ def test_head_runs_its_second_order_part_in_fp32_under_autocast(dtype):
     torch.testing.assert_close(got, ref, rtol=0.1, atol=0.05)
 
 
-def test_head_without_stages_is_isqrt_cov():
+def test_head_without_stages_is_isqrt_cov_on_the_reduced_features_and_has_no_stage_keys():
     head = GlobalGaussianHead(8, dim=4, num_stages=0).eval()
     x = torch.randn(2, 8, 3, 3)
     out, weights = head(x)

@@ -39,7 +39,7 @@ def test_unknown_arch_is_a_clear_error():
 
 
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (64, 48), (100, 80), (224, 224)])
-def test_any_input_size_with_a_map_of_at_least_2x2(height, width):
+def test_any_input_size_giving_a_map_of_at_least_2x2_gives_finite_logits_and_sigmoid_weights(height, width):
     m = create_model("resnet18_3g", num_classes=5, dim=16).eval()
     with torch.no_grad():
         logits, w = m.forward_with_weights(torch.randn(2, 3, height, width))
@@ -49,7 +49,7 @@ def test_any_input_size_with_a_map_of_at_least_2x2(height, width):
     assert ((w >= 0) & (w <= 1)).all()  # sigmoid weights
 
 
-def test_layer4_has_stride_one():
+def test_layer4_has_stride_one_so_224_px_give_a_14x14_map():
     m = create_model("resnet50_3g", num_classes=3, dim=16).eval()
     with torch.no_grad():
         assert m.forward_features(torch.randn(1, 3, 224, 224)).shape == (1, 2048, 14, 14)
@@ -63,6 +63,26 @@ def test_batch_gives_the_same_outputs_as_its_samples_one_by_one():
         batched = m(x)
         single = torch.cat([m(x[i : i + 1]) for i in range(5)])
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_keeps_the_head_and_fc_in_fp32_under_autocast_and_in_the_half_backbone():
+    """The one fp32 rule (``ThreeGNet.FP16_FP32_MODULES``), for training with ``--amp fp16`` and
+    the fp16 export; under bf16 only the head's second-order part stays fp32 (tests/test_layers.py)."""
+    torch.manual_seed(0)
+    m = create_model("resnet18_3g", num_classes=3, dim=16).eval()
+    assert m.FP16_FP32_MODULES == ("head", "fc")
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        features = m.forward_features(x)
+        logits, weights = m.forward_with_weights(x)
+    assert features.dtype == torch.float16  # the backbone does run in fp16
+    assert logits.dtype == weights.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, weights = m.forward_with_weights(x)
+    assert logits.dtype == weights.dtype == torch.bfloat16  # bf16: the fc and the stages run in bf16
+    half = create_model("resnet18_3g", num_classes=3, dim=16).half_backbone()
+    for name, p in half.named_parameters():
+        assert p.dtype == (torch.float32 if name.split(".")[0] in half.FP16_FP32_MODULES else torch.float16), name
 
 
 def test_gradients_are_finite_through_the_head():

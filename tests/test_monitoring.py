@@ -41,7 +41,6 @@ JOB = "threegnet-triton"
 # empty in the rehearsal (and they must be: a panel that gets data belongs with the others).
 PANELS_WITHOUT_DATA = {
     "Backend processes healed": "threegnet_supervisor_heals_total: the launcher does not export it yet",
-    "Rejected uploads by reason": "threegnet_preprocess_rejected_total: the preprocessing model does not export it yet",
     "GPU utilization": "nv_gpu_utilization: no GPU in the rehearsal",
 }
 
@@ -407,7 +406,9 @@ def test_a_sigkilled_replica_fires_replica_down_which_resolves_after_its_restart
 
 @pytest.mark.slow
 def test_every_dashboard_panel_has_data_except_those_on_metrics_not_exported_yet(fleet, prometheus):
+    import tritonclient.grpc as grpcclient
     from test_serving import png
+    from tritonclient.utils import InferenceServerException
 
     from client.inference import TritonClassifier
 
@@ -416,7 +417,17 @@ def test_every_dashboard_panel_has_data_except_those_on_metrics_not_exported_yet
     for i in range(10):
         classifier.classify_tensors(np.random.default_rng(i).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8))
         classifier.classify_bytes([png(80, 80, seed=i)])
-    time.sleep(3)
+    # And uploads that are no image: the preprocessing model refuses them, by reason.
+    client = grpcclient.InferenceServerClient(fleet.grpc_url)
+    upload = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
+    upload.set_data_from_numpy(np.array([b"not an image at all"], dtype=object).reshape(1, 1))
+    for _ in range(3):
+        with pytest.raises(InferenceServerException):
+            client.infer("threegnet_image", [upload], client_timeout=30)
+    client.close()
+    time.sleep(5)
+    (rejected,) = panel_queries()["Rejected uploads by reason"]
+    assert sum(float(r["value"][1]) for r in prometheus.query(rejected)) > 0, prometheus.query(rejected)
     empty = {title for title, queries in panel_queries().items() if not all(prometheus.query(q) for q in queries)}
     assert empty == set(PANELS_WITHOUT_DATA), (
         f"empty: {sorted(empty)}; only {sorted(PANELS_WITHOUT_DATA)} may be (and must be: once their metric "

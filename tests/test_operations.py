@@ -25,7 +25,7 @@ from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
 from tritonclient.utils import InferenceServerException
 
 from client.inference import OVERLOAD_MESSAGES, ServerOverloaded, TritonClassifier
-from serve.server import TritonServer, free_port
+from serve.server import TritonServer
 from serve.supervisor import backend_processes
 
 CROP = 64
@@ -37,8 +37,7 @@ def overload_error(message: str) -> bool:
 
 
 def server_on(repo: Path, **kwargs) -> TritonServer:
-    return TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), exit_timeout=3,
-                        **kwargs)  # fmt: skip
+    return TritonServer.on_free_ports(repo, exit_timeout=3, **kwargs)
 
 
 def http_status(server: TritonServer, path: str) -> int:

@@ -23,7 +23,7 @@ def test_demo_pipeline_headless(tmp_path):
     data, runs, repo = tmp_path / "data", tmp_path / "runs", tmp_path / "model_repository"
     ports = [str(free_port()) for _ in range(3)]
     cmd = [
-        sys.executable, str(ROOT / "pipeline" / "demo.py"), "--headless", "--tiny",
+        sys.executable, str(ROOT / "pipeline" / "run_all.py"), "--headless", "--tiny",
         "--data-dir", str(data), "--run-dir", str(runs), "--model-repository", str(repo),
         "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
     ]  # fmt: skip
@@ -81,7 +81,7 @@ def test_demo_pipeline_serves_a_released_checkpoint(tmp_path):
     data, runs, repo = tmp_path / "data", tmp_path / "runs", tmp_path / "model_repository"
     ports = [str(free_port()) for _ in range(3)]
     cmd = [
-        sys.executable, str(ROOT / "pipeline" / "demo.py"), "--headless", "--tiny", "--checkpoint", str(checkpoint),
+        sys.executable, str(ROOT / "pipeline" / "run_all.py"), "--headless", "--tiny", "--checkpoint", str(checkpoint),
         "--data-dir", str(data), "--run-dir", str(runs), "--model-repository", str(repo),
         "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
     ]  # fmt: skip

@@ -127,9 +127,11 @@ def break_then_fix(
         broken_at = time.monotonic()
         break_it()
         wait_until(lambda: refused(server, version, reason), 120, f"version {version} refused: {reason}")
-        time.sleep(4 * POLL_SECS)  # and some more polls: it is not tried again
+        time.sleep(4 * POLL_SECS)  # and some more polls: it is not tried again until its files change
         refused_at = time.monotonic()
         assert server.supervisor.rejected > rejected_before
+        tried = [(m, v) for m, v, _ in server.supervisor.rejections]
+        assert len(tried) == len(set(tried)), server.supervisor.rejections  # each refused once
         assert [r for r in server.supervisor.rejections if r[1] == version and reason in r[2]][:1]
         assert [v for v, state, _ in index(server) if state == "READY"] == ["1"]
         assert not [row for row in index(server) if row[0] == str(version)], index(server)  # never shown to Triton
@@ -164,7 +166,8 @@ def break_then_fix(
     rollout = [s for s in readiness.samples if s[0] >= fixed_at]
     print(f"refused after {refused_at - broken_at - 4 * POLL_SECS:.1f} s; {len(during)} readiness samples, all 200; "
           f"{sum(len(load.results) for load in loads)} requests, none failed; version 3's rollout: "
-          f"{len(readiness.not_ready(fixed_at))} of {len(rollout)} samples not ready")  # fmt: skip
+          f"{len(readiness.not_ready(fixed_at))} of {len(rollout)} samples not ready (server "
+          f"{sum(r[1] != 200 for r in rollout)}, threegnet_image {sum(r[2] != 200 for r in rollout)})")  # fmt: skip
 
 
 def test_a_half_copied_version_costs_nothing_and_a_good_one_is_served_after_it(own_repository):

@@ -107,7 +107,7 @@ def demo_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
             "--model-repository", str(base / "model_repository")]  # fmt: skip
     ports = [str(free_port()) for _ in range(3)]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "pipeline" / "demo.py"), "--headless", "--tiny", *dirs,
+        [sys.executable, str(ROOT / "pipeline" / "run_all.py"), "--headless", "--tiny", *dirs,
          "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
@@ -118,11 +118,11 @@ def demo_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [*SIGNALS, signal.SIGKILL], ids=lambda s: signal.Signals(s).name)
 def test_the_demo_pipeline_stops_everything_on(sig, demo_dirs, tmp_path):
-    """pipeline/demo.py with Triton and Gradio up. SIGKILL gives it no chance to clean up: its
+    """pipeline/run_all.py with Triton and Gradio up. SIGKILL gives it no chance to clean up: its
     children must notice by themselves (PR_SET_PDEATHSIG) and stop, freeing their ports."""
     ports = [free_port() for _ in range(4)]
     log = tmp_path / "demo.log"
-    proc = start([sys.executable, str(ROOT / "pipeline" / "demo.py"), "--tiny", *demo_dirs,
+    proc = start([sys.executable, str(ROOT / "pipeline" / "run_all.py"), "--tiny", *demo_dirs,
                   "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
                   "--demo-port", str(ports[3])], log)  # fmt: skip
     wait_for_line(proc, log, "[demo] ready in")

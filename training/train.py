@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader, DistributedSampler
@@ -224,26 +224,6 @@ def build_model(
     return model, loaded.arch, raw
 
 
-class FullPrecisionHead(nn.Module):
-    """Runs a 3G-Net with its head and fc outside autocast, the backbone inside.
-
-    The foundation keeps only the covariance and square root in fp32; under fp16 the
-    re-weighting stages' products still overflow (measured: NaN descriptors on 3 of 400
-    val images after one epoch, with the backbone's output below 111). bf16 has fp32's
-    range and needs none of this. The head is about 3% of ResNet50-3G's work.
-    """
-
-    def __init__(self, model: ThreeGNet) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        feats = self.model.forward_features(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            descriptor, _ = self.model.head(feats.float())
-            return self.model.fc(descriptor)
-
-
 def freeze_backbone(model: ThreeGNet) -> list[nn.Module]:
     """Stop gradients into the ResNet backbone; the caller keeps these modules in eval mode."""
     modules = [getattr(model, name) for name in BACKBONE]
@@ -340,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     model.to(ctx.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    net: nn.Module = FullPrecisionHead(model) if amp == "fp16" else model
+    net: nn.Module = model  # under --amp fp16 its head and fc stay fp32 (ThreeGNet.FP16_FP32_MODULES)
     val_sampler = distributed.ShardSampler(len(val_set), ctx.rank, ctx.world_size)
     val_loader = loader(val_set, per_rank, val_sampler, args, cuda)
 

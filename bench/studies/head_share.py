@@ -58,14 +58,11 @@ HEAD_PARTS = tuple(p for p in PARTS if p.startswith("head:"))
 BACKBONE_PARTS = tuple(p for p in PARTS if p.startswith("backbone:"))
 
 
-def _namespace_path(node: onnx.NodeProto) -> list[str]:
-    meta = {p.key: p.value for p in node.metadata_props}
-    return [part.split(":")[0].strip() for part in meta.get("namespace", "").split("/")]
-
-
 def part_of(node: onnx.NodeProto) -> str:
     """Which part of the model an exported node belongs to (from the exporter's metadata)."""
-    path = _namespace_path(node)
+    from export.onnx_graph import module_path  # here, like torch: the module's import stays light
+
+    path = module_path(node)
     module = path[1] if len(path) > 2 else ""  # len 2: an op called by the serving wrapper itself
     if not module:
         return "softmax and outputs" if node.op_type in ("Softmax", "Squeeze") else "input normalization"

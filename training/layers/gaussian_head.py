@@ -18,10 +18,13 @@ from training.layers.reweighting import ReweightingStage
 from training.layers.triangular import TriangularVectorize
 
 
-def _full_precision(device_type: str) -> contextlib.AbstractContextManager:
-    """Turn autocast off where it is on: the covariance, its trace and the Newton-Schulz
-    products overflow or lose their accuracy in fp16/bf16."""
-    if torch.is_autocast_enabled(device_type):
+def full_precision(device_type: str, only: torch.dtype | None = None) -> contextlib.AbstractContextManager:
+    """Turn autocast off where it is on (where it runs ``only``, when given).
+
+    What runs in fp32 under low precision is one rule, written on
+    :class:`training.model.ThreeGNet` (``FP16_FP32_MODULES``); this is how it is applied.
+    """
+    if torch.is_autocast_enabled(device_type) and only in (None, torch.get_autocast_dtype(device_type)):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -98,7 +101,9 @@ class GlobalGaussianHead(nn.Module):
         feats, weights = z, None
         for stage in self.stages():
             feats, weights = stage(feats, z)
-        with _full_precision(feats.device.type):
+        # The second-order part is fp32 under any autocast: the covariance, its trace and the
+        # Newton-Schulz products overflow or lose their accuracy in fp16/bf16.
+        with full_precision(feats.device.type):
             cov = covariance_pool(feats.float(), self.eps)
             root = sqrtm_newton_schulz(cov, self.iterations)
             return self.vectorize(root), weights

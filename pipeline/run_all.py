@@ -6,10 +6,10 @@ starts Triton through ``serve/launch.py`` and the Gradio demo through
 the same command a user would run by hand (printed before it runs), and a second
 run reuses what the first one made:
 
-    python pipeline/demo.py                       # generate, train, export, serve, demo
-    python pipeline/demo.py --retrain             # train (and export) again
-    python pipeline/demo.py --checkpoint ResNet50-3G-ImageNet.pth.tar   # serve a released model
-    python pipeline/demo.py --headless --tiny     # CI: tiny settings, predict over gRPC, stop
+    python pipeline/run_all.py                    # generate, train, export, serve, demo
+    python pipeline/run_all.py --retrain          # train (and export) again
+    python pipeline/run_all.py --checkpoint ResNet50-3G-ImageNet.pth.tar   # serve a released model
+    python pipeline/run_all.py --headless --tiny  # CI: tiny settings, predict over gRPC, stop
 """
 
 from __future__ import annotations
@@ -21,13 +21,20 @@ import shlex
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python pipeline/demo.py` from anywhere
+sys.path.insert(0, str(ROOT))  # `python pipeline/run_all.py` from anywhere
 
-from serve.children import Stopped, raise_on_stop_signals, spawn, stop, wait_any  # noqa: E402
+from serve.children import (  # noqa: E402
+    NotAnswering,
+    Stopped,
+    raise_on_stop_signals,
+    spawn,
+    stop,
+    wait_any,
+    wait_http_ok,
+)
 
 PY = sys.executable
 # Seconds a stage gets to stop on SIGTERM before SIGKILL: Triton drains for its exit timeout (5 s here).
@@ -80,18 +87,10 @@ class Children:
 
 
 def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"[demo] {what} exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"[demo] {what} not ready after {timeout:.0f} s ({url})")
+    try:
+        wait_http_ok(url, proc, timeout)
+    except NotAnswering as e:
+        raise SystemExit(f"[demo] {what} {e}") from None
 
 
 def _exported_parameters(repository: Path, name: str) -> dict[str, str]:
