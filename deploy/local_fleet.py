@@ -7,11 +7,13 @@ starts N ``serve/launch.py`` replicas on loopback ports and HAProxy (Debian's ``
 frontend, and prints the URLs; Ctrl-C (or SIGTERM, SIGHUP) stops everything. Who does what
 when a replica dies, as in the cluster (docs/deploy.md):
 
-* HAProxy checks every replica's ``/v2/health/ready`` every 500 ms and takes one that fails
-  out of the pool at the first failure (the readinessProbe's job); it puts it back after two
-  good checks. It retries a request whose connection failed, or that got no answer, on
-  another replica (``retry-on``, ``option redispatch``): the request is small enough to be
-  buffered whole (``tune.bufsize``).
+* HAProxy checks every replica's ``/v2/health/ready`` every 500 ms and takes one that fails,
+  or that says nothing for a second (hung), out of the pool at the first failure (the
+  readinessProbe's job); it puts it back after two good checks. It retries a request whose
+  connection failed, that got no answer, a 503, or no answer within ``UPSTREAM_TIMEOUT_S`` (a
+  hung replica) on another replica (``retry-on``, ``option redispatch``), over HTTP and gRPC
+  alike: a request small enough to be buffered whole (``tune.bufsize``); the timeouts are sized
+  from measured service times (docs/deploy.md "When a pod hangs").
 * The client library retries what still fails (a gRPC stream cut mid-request: UNAVAILABLE)
   with backoff and jitter.
 * This fleet restarts a replica whose launcher exited (Triton died): Kubernetes'

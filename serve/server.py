@@ -326,6 +326,8 @@ class TritonServer(Addresses):
             "--grpc-address", self.url_host, "--grpc-port", str(self.grpc_port),
             "--metrics-address", self._evhtp_address, "--metrics-port", str(self.metrics_port),
             "--log-verbose", str(self.log_verbose),
+            # Latency quantiles on: p99 is a query (docs/monitoring.md), not a guess.
+            *([] if self._user_flag("--metrics-config") else ["--metrics-config", "summary_latencies=true"]),
             "--exit-timeout-secs", str(self.exit_timeout),
             *control,
             *lock,
@@ -338,8 +340,11 @@ class TritonServer(Addresses):
         """How Triton's HTTP and metrics servers (libevhtp) take an address: IPv6 with an ``ipv6:`` prefix."""
         return f"ipv6:{self.host}" if ":" in self.host else self.host
 
+    def _user_flag(self, flag: str) -> bool:
+        return any(a.startswith(flag) for a in self.extra_args)
+
     def _user_control_mode(self) -> bool:
-        return any(a.startswith("--model-control-mode") for a in self.extra_args)
+        return self._user_flag("--model-control-mode")
 
     def start(self) -> TritonServer:
         self._check_repository()
