@@ -38,7 +38,7 @@ from serve.control import (
     read_key,
     resolve_key,
 )
-from serve.endpoints import EXIT_TIMEOUT_S, GRPC_PORT, HTTP_PORT, METRICS_PORT
+from serve.endpoints import EXIT_TIMEOUT_S, GRPC_PORT, HTTP_PORT, METRICS_PORT, SUPERVISOR_METRICS_PORT
 from serve.server import GrpcTls, ServerError, TritonServer
 
 EXIT_CODES = """exit status:
@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=HTTP_PORT)
     p.add_argument("--grpc-port", type=int, default=GRPC_PORT)
     p.add_argument("--metrics-port", type=int, default=METRICS_PORT)
+    p.add_argument(
+        "--supervisor-metrics-port",
+        type=int,
+        default=SUPERVISOR_METRICS_PORT,
+        help=f"the launcher's metrics: heals, rollouts, refused versions (default {SUPERVISOR_METRICS_PORT}; 0: off)",
+    )
     p.add_argument("--tritonserver", help="path to a tritonserver executable (default: PATH, then the wheel's)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the models (default 300)")
     p.add_argument(
@@ -116,9 +122,14 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     extra = args.triton_args[1:] if args.triton_args[:1] == ["--"] else args.triton_args
-    if len({args.http_port, args.grpc_port, args.metrics_port}) < 3:
-        log(f"error: the ports must differ: --http-port {args.http_port}, --grpc-port {args.grpc_port}, "
-            f"--metrics-port {args.metrics_port}")  # fmt: skip
+    ports = [args.http_port, args.grpc_port, args.metrics_port]
+    if args.supervisor_metrics_port:
+        ports.append(args.supervisor_metrics_port)
+    if len(set(ports)) < len(ports):
+        log(
+            f"error: the ports must differ: --http-port {args.http_port}, --grpc-port {args.grpc_port}, "
+            f"--metrics-port {args.metrics_port}, --supervisor-metrics-port {args.supervisor_metrics_port}"
+        )
         return 2
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key) or (args.grpc_tls_client_ca and not args.grpc_tls_cert):
         log("error: gRPC TLS needs both --grpc-tls-cert and --grpc-tls-key (and them for --grpc-tls-client-ca)")
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         inference_key=inference_key,
         grpc_tls=tls,
         public=tuple(args.public),
+        supervisor_metrics_port=args.supervisor_metrics_port or None,
     )
     stopping = []
 
@@ -197,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\nTriton is ready. Models: {models}\n"
         f"  HTTP     http://{server.http_url}  (KServe v2: /v2/models/<name>/infer)\n"
         f"  gRPC     {server.grpc_url}\n"
-        f"  metrics  {server.metrics_url}\n"
+        f"  metrics  {server.metrics_url}"
+        f"{f' (Triton), {server.supervisor_metrics_url} (supervisor)' if server.supervisor_metrics_url else ''}\n"
         f"{locked}.\n"
         "Ctrl-C to stop."
     )

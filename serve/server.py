@@ -46,6 +46,7 @@ from serve.endpoints import (
     READY_PATH,
     Addresses,
 )
+from serve.metrics import MetricsServer
 from serve.standin import build_shadow_repository, model_dirs
 from serve.supervisor import Supervisor
 
@@ -206,6 +207,7 @@ class TritonServer(Addresses):
         inference_key: str | None = None,
         grpc_tls: GrpcTls | None = None,
         public: tuple[str, ...] = (),
+        supervisor_metrics_port: int | None = None,
     ) -> None:
         # Object storage (s3://, gs://, as://) is read by Triton itself: nothing to check or shadow here.
         self.remote = "://" in str(model_repository)
@@ -229,6 +231,8 @@ class TritonServer(Addresses):
             self.control_key_origin = "the caller"
         self.lock = Lock(control_key, inference_key, public)
         self.grpc_tls = grpc_tls
+        self.supervisor_metrics_port = supervisor_metrics_port  # None: not served (serve/metrics.py)
+        self._metrics_server: MetricsServer | None = None
         self.secrets_hidden = True  # False when no secret_args library could be had (see serve/control.py)
         self.supervisor: Supervisor | None = None
         self.lines: collections.deque[str] = collections.deque(maxlen=400)
@@ -247,6 +251,12 @@ class TritonServer(Addresses):
         return cls(model_repository, **ports, **kwargs)
 
     # -- addresses and keys ----------------------------------------------------------------
+    @property
+    def supervisor_metrics_url(self) -> str | None:
+        if self.supervisor_metrics_port is None:
+            return None
+        return f"http://{self.url_host}:{self.supervisor_metrics_port}{METRICS_PATH}"
+
     @property
     def metrics_url(self) -> str:
         return f"http://{self.url_host}:{self.metrics_port}{METRICS_PATH}"
@@ -349,9 +359,11 @@ class TritonServer(Addresses):
     def start(self) -> TritonServer:
         self._check_repository()
         ports = {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
+        if self.supervisor_metrics_port is not None:
+            ports["supervisor-metrics"] = self.supervisor_metrics_port
         if len(set(ports.values())) < len(ports):
             listing = ", ".join(f"--{name.lower()}-port {port}" for name, port in ports.items())
-            raise ServerError(f"the three ports must differ: {listing}")
+            raise ServerError(f"the ports must differ: {listing}")
         for name, port in ports.items():
             problem = bind_problem(self.host, port)
             if problem == PORT_IN_USE:
@@ -446,6 +458,12 @@ class TritonServer(Addresses):
         if not self.supervisor.is_alive():
             self.supervisor.server_pid = self.process.pid
             self.supervisor.start()
+        if self.supervisor_metrics_port is not None and self._metrics_server is None:
+            try:
+                self._metrics_server = MetricsServer(self.supervisor, self.host, self.supervisor_metrics_port)
+            except OSError as e:
+                self.stop()
+                raise ServerError(f"supervisor metrics port {self.supervisor_metrics_port}: {e.strerror}") from None
 
     def _make_supervisor(self) -> Supervisor:
         infer_headers = None
@@ -495,6 +513,9 @@ class TritonServer(Addresses):
             return None
         if self.supervisor is not None:  # first: stubs exiting at shutdown are no crash to heal
             self.supervisor.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):

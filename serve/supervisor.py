@@ -145,12 +145,17 @@ class Supervisor(threading.Thread):
         # two, Triton's readiness for the model (and the server's) is not 200.
         self.outages: list[tuple[str, float, float]] = []
         self.rollouts = 0
+        self.rolled_out: Counter[str] = Counter()  # rollouts per model (serve/metrics.py)
         self.infer_headers = infer_headers  # the inference key, when the data plane is locked too (smoke inferences)
         self.serving: dict[str, list[int]] = {}  # the versions loaded of each verified (ONNX) model
         self._loaded_config: dict[str, str] = {}  # the config override each of those was loaded with
         self._checked: dict[tuple[str, int], tuple[tuple, str | None]] = {}  # (model, version) -> (files, reason)
         self.rejected = 0  # versions refused, at whatever stage (tests and logs read it)
         self.rejections: list[tuple[str, int, str]] = []  # (model, version, why), in order
+
+    def models(self) -> list[str]:
+        """The models of the repository it follows (none for a remote one)."""
+        return list(self._served)
 
     # -- Triton's API --------------------------------------------------------------------
     @property
@@ -308,6 +313,7 @@ class Supervisor(threading.Thread):
                 self.log(f"[supervisor] {name}: the changed model failed to load: {error}")
                 return
         self.rollouts += 1
+        self.rolled_out[name] += 1
         versions = self._ready_versions(name)
         self.log(
             f"[supervisor] {name}: repository changed; now serving version {', '.join(versions) or '?'} "

@@ -297,4 +297,5 @@ def test_a_whole_fleet_frozen_is_refused_fast_not_queued(fleet, ca):
     print(f"{len(during)} requests in flight at the freeze or sent during it, {len(errors)} refused, slowest "
           f"{max(d for _, _, d, _ in during):.2f} s")  # fmt: skip
     assert errors and all(d < UPSTREAM_BUDGET_S for _, _, d, _ in during), during[:5]
-    assert all("503" in e or "UNAVAILABLE" in e or "Service Unavailable" in e for *_, e in errors), errors[:3]
+    odd = [o for o in errors if not any(m in o[3] for m in ("503", "504", "UNAVAILABLE"))]
+    assert not odd, odd[:3]  # refusals: HTTP 503 (504: the try on a frozen replica), gRPC UNAVAILABLE

@@ -25,7 +25,7 @@ from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
 from tritonclient.utils import InferenceServerException
 
 from client.inference import OVERLOAD_MESSAGES, ServerOverloaded, TritonClassifier
-from serve.server import TritonServer
+from serve.server import TritonServer, free_port
 from serve.supervisor import backend_processes
 
 CROP = 64
@@ -117,7 +117,7 @@ def test_a_killed_backend_process_heals_itself_and_readiness_never_lies(own_repo
     from test_serving import png
 
     blob = png(80, 80)
-    with server_on(own_repository) as server:
+    with server_on(own_repository, supervisor_metrics_port=free_port()) as server:
         load = Load(server, lambda c: infer_bytes(c, blob))  # through the ensemble: needs both models
         readiness: list[tuple[float, float, int, int]] = []  # (asked, answered, server, model)
         sampling = threading.Event()
@@ -148,6 +148,9 @@ def test_a_killed_backend_process_heals_itself_and_readiness_never_lies(own_repo
         assert not sampler.is_alive()
         assert server.is_ready()
         [(healed_model, unloaded_at, serving_at)] = server.supervisor.outages
+        # The heal is counted where Prometheus scrapes the launcher (serve/metrics.py).
+        scraped = urllib.request.urlopen(server.supervisor_metrics_url, timeout=5).read().decode().splitlines()
+        assert f'threegnet_supervisor_heals_total{{model="{model}"}} 1' in scraped, scraped
 
     assert healed_model == model
     failed = load.failures()

@@ -1,0 +1,73 @@
+"""What the supervisor did, for Prometheus: heals, rollouts and refused versions, per model.
+
+Triton's own ``/metrics`` (port 8002) cannot carry them: the supervisor runs beside Triton, in
+the launcher. So the launcher serves them on a port of its own (``SUPERVISOR_METRICS_PORT``, on
+Triton's address), in Prometheus' text format; the rehearsal's Prometheus and the cluster's
+ServiceMonitor scrape both ports (docs/monitoring.md).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serve.supervisor import Supervisor
+
+FAMILIES = (
+    ("threegnet_supervisor_heals_total", "Models reloaded after one of their backend processes died."),
+    ("threegnet_supervisor_rollouts_total", "Changed models loaded from the repository (new versions, pins)."),
+    ("threegnet_supervisor_rejected_versions_total", "Versions refused: incomplete or failing their checks."),
+)
+
+
+def exposition(supervisor: Supervisor) -> str:
+    """The counters in Prometheus' text format: one sample per model, zeros included (a series that
+    exists from the start makes ``increase()`` and the alerts work from the first event)."""
+    counts = (
+        Counter(model for model, _, _ in supervisor.outages),
+        supervisor.rolled_out,
+        Counter(model for model, _, _ in supervisor.rejections),
+    )
+    models = sorted(set(supervisor.models()).union(*counts))
+    lines = []
+    for (name, help_text), per_model in zip(FAMILIES, counts, strict=True):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+        lines += [f'{name}{{model="{model}"}} {per_model[model]}' for model in models]
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """``GET /metrics`` on ``host:port`` in a daemon thread, until :meth:`close`."""
+
+    daemon_threads = True
+
+    def __init__(self, supervisor: Supervisor, host: str, port: int) -> None:
+        self.supervisor = supervisor
+        super().__init__((host, port), _Handler)
+        self.thread = threading.Thread(target=self.serve_forever, name="supervisor-metrics", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MetricsServer
+
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] != "/metrics":
+            self.send_error(404)
+            return
+        body = exposition(self.server.supervisor).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # scrapes are not worth a log line
+        pass
