@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import random
 import threading
@@ -195,6 +196,8 @@ def _is_overloaded(e: BaseException) -> bool:
 def _is_connection_error(e: BaseException) -> bool:
     if isinstance(e, InferenceServerException):
         return e.status() == "StatusCode.UNAVAILABLE" and not _is_overloaded(e)
+    if isinstance(e, http.client.HTTPException):  # a connection closed with no answer: a balancer's "send it again"
+        return True
     return isinstance(e, OSError) and not isinstance(e, TimeoutError)
 
 
@@ -334,7 +337,7 @@ class TritonClassifier:
         while True:
             try:
                 return fn(self._client(), **kwargs)
-            except (InferenceServerException, OSError) as e:
+            except (InferenceServerException, OSError, http.client.HTTPException) as e:
                 if _is_restricted(e):
                     raise AccessDenied(f"{what}: the server at {self.where} wants a key: {_message(e)}") from None
                 if _is_timeout(e):

@@ -175,6 +175,7 @@ class Replica:
     http_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    supervisor_metrics_port: int = field(default_factory=free_port)  # the launcher's own (its default is shared)
     process: subprocess.Popen | None = None
     starts: int = 0
     triton_args: tuple[str, ...] = ()  # more tritonserver flags, after the launcher's ``--``
@@ -184,7 +185,8 @@ class Replica:
     def start(self) -> None:
         cmd = [sys.executable, str(ROOT / "serve" / "launch.py"), "--model-repository", str(self.repository),
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-               "--metrics-port", str(self.metrics_port), "--exit-timeout", "10"]  # fmt: skip
+               "--metrics-port", str(self.metrics_port), "--supervisor-metrics-port", str(self.supervisor_metrics_port),
+               "--exit-timeout", "10"]  # fmt: skip
         if self.triton_args:
             cmd += ["--", *self.triton_args]
         self.starts += 1

@@ -345,6 +345,8 @@ def run(args: argparse.Namespace) -> int:
             "preprocessing": pp.to_dict(),
             "source_sha256": sha,
         }
+        if recorded := recorded_accuracy(loaded.raw):  # what `predict.py --evaluate` prints beside its own
+            common["metrics"] = recorded
         set_metadata(
             model,
             {
@@ -421,6 +423,16 @@ def stop_signals_raise() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def recorded_accuracy(checkpoint: dict) -> dict[str, float]:
+    """The validation accuracy a checkpoint records (this project's ``metrics``, or a released one's
+    ``best_prec1``), in percent; empty when it records none."""
+    metrics = checkpoint.get("metrics") or {}
+    recorded = {k: float(metrics[k]) for k in ("val_top1", "val_top5", "epoch") if k in metrics}
+    if not recorded and isinstance(checkpoint.get("best_prec1"), int | float):
+        recorded = {"val_top1": float(checkpoint["best_prec1"])}
+    return recorded
 
 
 def main(argv: list[str] | None = None) -> int:

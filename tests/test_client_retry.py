@@ -50,3 +50,13 @@ def test_no_resend_without_retries_or_for_a_call_that_is_not_idempotent(retries,
     with pytest.raises(RequestFailed, match="no answer"):
         client._call("inference", call, idempotent=idempotent)
     assert len(used) == 1
+
+
+def test_a_connection_closed_without_an_answer_is_retried_on_a_fresh_one():
+    """What HAProxy does to an HTTP keep-alive request it could not place anywhere: it closes the connection."""
+    from geventhttpclient.response import HTTPConnectionClosed
+
+    client = TritonClassifier("127.0.0.1:9", "http", retries=3, backoff=0)
+    call, used = timing_out(1, HTTPConnectionClosed("connection closed."))
+    assert client._call("inference", call) == "answer"
+    assert len(used) == 2 and used[0] is not used[1]

@@ -3,7 +3,7 @@
 A small 3G-Net is trained on the built-in textures (as tests/test_train.py does), exported and served
 by a real Triton whose model configs are public; it is evaluated on its own held-out images. The
 tensor path must score exactly what onnxruntime scores on the same crops, and so must the bytes path:
-the images are small PNGs, where the server's fast decoding changes nothing.
+the images are small PNGs and JPEGs, which the server's fast decoding decodes at full scale.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import ROOT
+from PIL import Image
 
 from client import predict
 from client.inference import TritonClassifier
@@ -38,6 +39,9 @@ def trained(tmp_path_factory) -> Iterator[dict]:
     """Data (6 classes, 6 held-out images each), the best checkpoint, its export, and a server with public configs."""
     root = tmp_path_factory.mktemp("evaluate")
     data = generate(root / "data", classes=6, per_class=8, val_per_class=6, size=48, progress=False)
+    for png in sorted((data / "val").rglob("*.png"))[::3]:  # JPEGs too: small ones decode at full scale
+        Image.open(png).save(png.with_suffix(".jpg"), quality=90)
+        png.unlink()
     torch.manual_seed(0)
     assert train_main([str(data), *TRAIN, "--output-dir", str(root / "run")]) == 0
     checkpoint = root / "run" / "model_best.pth.tar"

@@ -414,3 +414,13 @@ def test_blank_lines_at_the_end_of_a_labels_file_are_fine(tiny_checkpoint, tmp_p
     repo = tmp_path / "r"
     assert export_main(["--checkpoint", str(tiny_checkpoint), "--output-dir", str(repo), "--labels", str(labels)]) == 0
     assert (repo / "threegnet" / "labels.txt").read_text() == "w\nx\ny\nz\n"
+
+
+def test_the_recorded_validation_accuracy_travels_into_the_config():
+    """``predict.py --evaluate`` prints it beside what the served model scores."""
+    from export.to_onnx import recorded_accuracy
+
+    ours = {"metrics": {"val_top1": 87.5, "val_top5": 99.0, "epoch": 14, "train_loss": 0.3}}
+    assert recorded_accuracy(ours) == {"val_top1": 87.5, "val_top5": 99.0, "epoch": 14.0}
+    assert recorded_accuracy({"best_prec1": 78.66, "state_dict": {}}) == {"val_top1": 78.66}  # a released one
+    assert recorded_accuracy({"state_dict": {}}) == {}

@@ -297,5 +297,8 @@ def test_a_whole_fleet_frozen_is_refused_fast_not_queued(fleet, ca):
     print(f"{len(during)} requests in flight at the freeze or sent during it, {len(errors)} refused, slowest "
           f"{max(d for _, _, d, _ in during):.2f} s")  # fmt: skip
     assert errors and all(d < UPSTREAM_BUDGET_S for _, _, d, _ in during), during[:5]
-    odd = [o for o in errors if not any(m in o[3] for m in ("503", "504", "UNAVAILABLE"))]
-    assert not odd, odd[:3]  # refusals: HTTP 503 (504: the try on a frozen replica), gRPC UNAVAILABLE
+    # Refusals: HTTP 503, gRPC UNAVAILABLE. A request the frozen replica held ends after the server timeout, its
+    # retry finding no replica: gRPC gets its stream reset (UNAVAILABLE), HTTP its keep-alive connection closed
+    # (HAProxy's sign that the request was not processed and may be sent again).
+    odd = [o for o in errors if not any(m in o[3] for m in ("503", "UNAVAILABLE", "connection closed"))]
+    assert not odd, odd[:3]
