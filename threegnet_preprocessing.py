@@ -63,7 +63,8 @@ REDUCING_GAP = 3.0
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the model's input (DESIGN §1: evaluation transform)."""
+    """How an image becomes the model's input: the evaluation transform of the paper's recipe
+    (docs/training.md)."""
 
     resize: int = 256  # shorter side, before the centre crop
     crop: int = 224

@@ -127,7 +127,8 @@ def test_a_bad_file_is_a_message_on_the_page(api, image, tmp_path):
 def test_health_line_names_the_server_and_the_model(api, triton):
     health = api.predict(api_name="/health")
     assert health.startswith("**Server OK.**") and triton.grpc_url in health
-    assert "threegnet v1 (resnet18_3g, fp32, 4 classes)" in health and "threegnet_image" in health
+    # A locked server keeps the architecture and precision (in the config) to its operators.
+    assert "threegnet v1 (4 classes)" in health and "threegnet_image" in health
 
 
 def test_server_down_is_a_message_not_a_traceback(image):

@@ -34,7 +34,7 @@ from bench.common import ROOT, Settings, entry, log, md_table, run_part, stage
 from bench.payloads import CAMERA, NOISE_SIGMA, QUALITY, camera_photos
 
 CHUNK = 16
-DEMO_RENDER = 128  # pipeline/demo.py's training images
+DEMO_RENDER = 128  # pipeline/run_all.py's training images
 
 
 def _simplejpeg_path(resize: int, crop: int) -> Callable[[bytes], np.ndarray] | None:

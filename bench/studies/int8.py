@@ -193,7 +193,8 @@ def study(
 def sensitivity(fp32: Path, calibration: np.ndarray, val_x: np.ndarray, work: Path) -> tuple[list[dict], str]:
     """Where the flips come from: one module group at a time quantized (the rest fp32), its top-1
     changes and largest probability change against fp32 on the held-out images."""
-    from export.precision import _module_path, quantize_int8
+    from export.onnx_graph import module_path
+    from export.precision import quantize_int8
 
     graph = onnx.load(str(fp32), load_external_data=False).graph
     # The modules below the model (conv1, layer1-4, fc) and the head's sub-modules (its reduce conv and
@@ -201,7 +202,7 @@ def sensitivity(fp32: Path, calibration: np.ndarray, val_x: np.ndarray, work: Pa
     groups: dict[str, int] = {}
     weighted: set[str] = set()
     for node in graph.node:
-        path = _module_path(node)
+        path = module_path(node)
         if len(path) > 2 and path[1] == "model.head" and path[2].startswith("model.head."):
             if path[2] == "model.head.vectorize":  # second-order: never quantized
                 continue
