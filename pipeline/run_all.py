@@ -134,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--supervisor-metrics-port", type=int, default=8003)
     p.add_argument("--demo-port", type=int, default=7860)
     return p.parse_args(argv)
 
@@ -191,7 +192,8 @@ def pipeline(args: argparse.Namespace, children: Children) -> int:
     # 4. Triton, through the launcher (a short exit timeout: the demo's own connections stay open).
     server_cmd = [PY, "serve/launch.py", "--model-repository", str(args.model_repository), "--quiet",
                   "--http-port", str(args.http_port), "--grpc-port", str(args.grpc_port),
-                  "--metrics-port", str(args.metrics_port), "--exit-timeout", "5"]  # fmt: skip
+                  "--metrics-port", str(args.metrics_port),
+                  "--supervisor-metrics-port", str(args.supervisor_metrics_port), "--exit-timeout", "5"]  # fmt: skip
     server = children.start(server_cmd, grace=STOP_GRACE["server"])
     wait_http(f"http://127.0.0.1:{args.http_port}/v2/health/ready", server, "Triton")
     grpc_url = f"127.0.0.1:{args.grpc_port}"

@@ -28,7 +28,8 @@ def one_error_line(result: subprocess.CompletedProcess, status: int) -> str:
 
 
 def ports() -> list[str]:
-    return ["--http-port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    names = ("--http-port", "--grpc-port", "--metrics-port", "--supervisor-metrics-port")
+    return [arg for name in names for arg in (name, str(free_port()))]
 
 
 def test_equal_ports_are_refused_as_bad_arguments(model_repository):

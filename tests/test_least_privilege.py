@@ -227,7 +227,9 @@ def test_the_launcher_serves_as_an_unprivileged_user(sandbox_dir, read_only_root
     writable = writable_paths(pod_specs()["Deployment"])
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     env = {
-        "WORK": str(work), "INPUTS": f"{repo} {work / 'secrets'}", "WRITABLE": " ".join(writable),
+        # the checkout and its virtualenv too: a clone under /tmp (as CI may make) would vanish under the emptyDir
+        "WORK": str(work), "INPUTS": f"{repo} {work / 'secrets'} {ROOT} {Path(sys.prefix).resolve()}",
+        "WRITABLE": " ".join(writable),
         "READ_ONLY_ROOT": "1" if read_only_root else "0",
         "EXPOSE_BASE": str(base) if over else "", "EXPOSE_OVER": str(over) if over else "",
         # what the image and the Deployment set, nothing inherited from this root shell
@@ -237,7 +239,8 @@ def test_the_launcher_serves_as_an_unprivileged_user(sandbox_dir, read_only_root
     }  # fmt: skip
     command = [str(Path(sys.prefix) / "bin" / "python"), str(ROOT / "serve" / "launch.py"),
                "--model-repository", str(repo), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-               "--metrics-port", str(metrics_port), "--exit-timeout", "3"]  # fmt: skip
+               "--metrics-port", str(metrics_port), "--supervisor-metrics-port", str(free_port()),
+               "--exit-timeout", "3"]  # fmt: skip
     log = work / "launcher.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(

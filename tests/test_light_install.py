@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_CLASSES
+from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
 
 from serve.server import free_port
 
@@ -56,7 +56,7 @@ def test_both_clients_work_against_a_server_from_the_light_install(light_venv, t
     for send in ("bytes", "tensor"):  # tensor: preprocessing here, with threegnet_preprocessing
         result = subprocess.run(
             [python, str(ROOT / "client" / "predict.py"), str(images), "--url", triton.grpc_url, "--json",
-             "--send", send],
+             "--send", send, "--resize", str(TINY_PREPROCESSING["resize"])],
             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-2000:]

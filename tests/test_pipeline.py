@@ -21,11 +21,12 @@ from serve.server import free_port
 @pytest.mark.slow
 def test_demo_pipeline_headless(tmp_path):
     data, runs, repo = tmp_path / "data", tmp_path / "runs", tmp_path / "model_repository"
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(free_port()) for _ in range(4)]
     cmd = [
         sys.executable, str(ROOT / "pipeline" / "run_all.py"), "--headless", "--tiny",
         "--data-dir", str(data), "--run-dir", str(runs), "--model-repository", str(repo),
         "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+        "--supervisor-metrics-port", ports[3],
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -79,11 +80,12 @@ def test_demo_pipeline_serves_a_released_checkpoint(tmp_path):
     checkpoint = tmp_path / "ResNet18-3G-ImageNet.pth.tar"
     released_checkpoint(checkpoint, "resnet18_3g", 1000)
     data, runs, repo = tmp_path / "data", tmp_path / "runs", tmp_path / "model_repository"
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(free_port()) for _ in range(4)]
     cmd = [
         sys.executable, str(ROOT / "pipeline" / "run_all.py"), "--headless", "--tiny", "--checkpoint", str(checkpoint),
         "--data-dir", str(data), "--run-dir", str(runs), "--model-repository", str(repo),
         "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+        "--supervisor-metrics-port", ports[3],
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

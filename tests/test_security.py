@@ -74,6 +74,8 @@ class Launched:
             str(self.grpc_port),
             "--metrics-port",
             str(self.metrics_port),
+            "--supervisor-metrics-port",
+            str(free_port()),
             "--exit-timeout",
             "3",
             *(["--control-key-file", str(key_file)] if key_file else []),

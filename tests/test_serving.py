@@ -259,7 +259,8 @@ def test_graceful_shutdown_leaves_no_process(model_repository):
 def launch(repo: Path, *extra: str) -> tuple[subprocess.Popen, list[int]]:
     ports = [free_port(), free_port(), free_port()]
     cmd = [sys.executable, str(ROOT / "serve" / "launch.py"), "--model-repository", str(repo), "--quiet"]
-    cmd += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra]
+    cmd += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    cmd += ["--supervisor-metrics-port", str(free_port()), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT), ports
 
 
@@ -300,7 +301,7 @@ def test_launcher_serves_prints_urls_and_stops_on_ctrl_c(model_repository):
 def test_launcher_fails_clearly_on_a_busy_port(model_repository, triton):
     result = subprocess.run(
         [sys.executable, str(ROOT / "serve" / "launch.py"), "--model-repository", str(model_repository),
-         "--http-port", str(triton.http_port)],
+         "--http-port", str(triton.http_port), "--supervisor-metrics-port", "0"],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )  # fmt: skip
     assert result.returncode != 0

@@ -93,7 +93,7 @@ def test_the_launcher_stops_everything_on(sig, model_repository, tmp_path):
     log = tmp_path / "launch.log"
     proc = start([sys.executable, str(ROOT / "serve" / "launch.py"), "--model-repository", str(model_repository),
                   "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-                  "--exit-timeout", "5"], log)  # fmt: skip
+                  "--supervisor-metrics-port", str(free_port()), "--exit-timeout", "5"], log)  # fmt: skip
     wait_for_line(proc, log, "Ctrl-C to stop.")
     stop_and_check(proc, sig, ports, log, expect_children=4)  # tritonserver and its three stubs
     assert proc.returncode == 0 and "Triton stopped." in log.read_text(), log.read_text()[-2000:]
