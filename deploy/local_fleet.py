@@ -63,6 +63,7 @@ from serve.control import ControlKeyError, grpc_headers, http_headers, resolve_k
 from serve.endpoints import (  # noqa: E402
     CONTROL_KEY_ENV,
     DATA_PLANE_GRPC_METHODS,
+    MAX_REQUEST_MB,
     METRICS_PATH,
     READY_PATH,
     UPSTREAM_ATTEMPTS,
@@ -107,6 +108,13 @@ defaults
 
 frontend http
     bind {host}:{http_port}{http_tls}
+    # Bodies Triton cannot bound itself: compressed ones (it inflates them), bigger ones, unannounced ones.
+    acl compressed req.hdr(content-encoding) -m found
+    acl identity req.hdr(content-encoding) -i identity
+    acl sized req.hdr(content-length) -m found
+    http-request return status 415 content-type text/plain string "compressed bodies refused" if compressed !identity
+    http-request deny deny_status 413 if {{ req.hdr_val(content-length) gt {max_body} }}
+    http-request return status 411 content-type text/plain string "Content-Length needed" if METH_POST !sized
     # Only the data plane: the control plane (repository, configs, statistics, ...) stays on the replicas.
     http-request deny deny_status 403 if {{ path -m reg -i ^/v2/models/stats$ }}
     http-request deny deny_status 403 unless {{ path -m reg {data_plane} }}
@@ -114,6 +122,9 @@ frontend http
 
 frontend grpc
     bind {host}:{grpc_port}{grpc_tls}
+    acl compressed req.hdr(grpc-encoding) -m found
+    acl identity req.hdr(grpc-encoding) -i identity
+    http-request return status 415 content-type text/plain string "compressed messages refused" if compressed !identity
     http-request deny deny_status 403 unless {{ path {grpc_methods} }}
     default_backend triton_grpc
 
@@ -235,6 +246,7 @@ class Fleet(Addresses):
         tls: FleetTls | None = None,
         prometheus: bool = False,
         alert_for: str | None = None,
+        max_request_mb: int = MAX_REQUEST_MB,
     ) -> None:
         """``prometheus``: run Prometheus beside the fleet (``prometheus_url``); ``alert_for``: replace every
         alert's ``for:`` with this duration (``"2s"``) so that tests see alerts fire within seconds."""
@@ -245,6 +257,7 @@ class Fleet(Addresses):
         self.repository, self.host, self.restart = Path(repository), host, restart
         self.control_key = control_key if control_key is not None else resolve_key()[0]
         self.tls = tls
+        self.max_request_mb = max_request_mb
         self._work = tempfile.TemporaryDirectory(prefix="threegnet-fleet-")
         self.work = Path(self._work.name)
         self.replicas = [
@@ -285,6 +298,7 @@ class Fleet(Addresses):
             server_timeout=UPSTREAM_TIMEOUT_S, check_timeout=CHECK_TIMEOUT_MS, retries=UPSTREAM_ATTEMPTS - 1,
             http_servers=servers("http_port", False), grpc_servers=servers("grpc_port", True),
             http_tls=http_tls, grpc_tls=grpc_tls, data_plane=DATA_PLANE_PATH, grpc_methods=methods,
+            max_body=self.max_request_mb * 1024 * 1024,
         )  # fmt: skip
 
     @property
@@ -294,7 +308,12 @@ class Fleet(Addresses):
 
     def prometheus_config(self) -> str:
         """Scrape every replica's metrics port, labelled with its name; load the fleet's alert rules."""
-        targets = [{"targets": [f"127.0.0.1:{r.metrics_port}"], "labels": {"replica": r.name}} for r in self.replicas]
+        # Triton's metrics and the launcher's own (the supervisor's heals and rollouts), one job as in the cluster.
+        targets = [
+            {"targets": [f"127.0.0.1:{r.metrics_port}", f"127.0.0.1:{r.supervisor_metrics_port}"],
+             "labels": {"replica": r.name}}
+            for r in self.replicas
+        ]  # fmt: skip
         config = {
             "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "scrape_timeout": f"{SCRAPE_INTERVAL_S}s",
                        "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
@@ -459,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="mutual TLS: only clients whose certificate this CA signed")
     p.add_argument(
+        "--max-request-mb",
+        type=int,
+        default=MAX_REQUEST_MB,
+        help=f"the largest request body forwarded (default {MAX_REQUEST_MB}; Triton itself caps none)",
+    )
+    p.add_argument(
         "--prometheus",
         action="store_true",
         help="run Prometheus beside the fleet, scraping the replicas and evaluating the alerts (make prometheus)",
@@ -474,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     tls = FleetTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     raise_on_stop_signals()
     try:
-        with Fleet(args.model_repository, args.replicas, control_key=key, tls=tls, prometheus=args.prometheus) as fleet:
+        fleet = Fleet(args.model_repository, args.replicas, control_key=key, tls=tls, prometheus=args.prometheus,
+                      max_request_mb=args.max_request_mb)  # fmt: skip
+        with fleet:
             scheme = "https" if tls else "http"
             url = fleet.prometheus_url
             monitoring = f"  Prometheus  {url}  (alerts: {url}/alerts)\n" if url else ""

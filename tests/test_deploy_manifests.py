@@ -33,8 +33,10 @@ from serve.endpoints import (
     LIVENESS_FAILURES,
     LIVENESS_PERIOD_S,
     LIVENESS_TIMEOUT_S,
+    MAX_REQUEST_MB,
     METRICS_PORT,
     READY_PATH,
+    SUPERVISOR_METRICS_PORT,
     UPSTREAM_ATTEMPTS,
     UPSTREAM_BUDGET_S,
     UPSTREAM_TIMEOUT_S,
@@ -147,7 +149,12 @@ def test_the_fleet_uses_the_projects_ports_probes_paths_and_image():
     pod = deployment["spec"]["template"]
     c = container(resources)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {
+        "http": HTTP_PORT,
+        "grpc": GRPC_PORT,
+        "metrics": METRICS_PORT,
+        "supervisor": SUPERVISOR_METRICS_PORT,
+    }
     assert c["readinessProbe"]["httpGet"] == {"path": READY_PATH, "port": "http"}
     assert c["startupProbe"]["httpGet"] == {"path": READY_PATH, "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": LIVE_PATH, "port": "http"}
@@ -187,12 +194,13 @@ def test_the_container_image_runs_the_launcher_on_the_same_constants():
     assert entrypoint[:2] == ["python3", "serve/launch.py"]
     assert entrypoint[entrypoint.index("--model-repository") + 1] == CONTAINER_REPOSITORY
     exposed = re.search(r"^EXPOSE (.+)$", dockerfile, re.M).group(1).split()
-    assert [int(p) for p in exposed] == [HTTP_PORT, GRPC_PORT, METRICS_PORT]
+    assert [int(p) for p in exposed] == [HTTP_PORT, GRPC_PORT, METRICS_PORT, SUPERVISOR_METRICS_PORT]
     # The launcher's own defaults are the same constants.
     from serve.launch import parse_args
 
     defaults = parse_args(["--model-repository", "x"])
     assert (defaults.http_port, defaults.grpc_port, defaults.metrics_port) == (HTTP_PORT, GRPC_PORT, METRICS_PORT)
+    assert defaults.supervisor_metrics_port == SUPERVISOR_METRICS_PORT
     assert defaults.exit_timeout == EXIT_TIMEOUT_S
 
 
@@ -312,7 +320,7 @@ def test_only_the_ingress_controller_and_prometheus_reach_the_replicas():
         source = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
         assert peer["podSelector"]["matchLabels"]
         allowed[source] = sorted(p["port"] for p in rule["ports"])
-    assert allowed == {"ingress-nginx": [HTTP_PORT, GRPC_PORT], "monitoring": [METRICS_PORT]}
+    assert allowed == {"ingress-nginx": [HTTP_PORT, GRPC_PORT], "monitoring": [METRICS_PORT, SUPERVISOR_METRICS_PORT]}
     # The object-storage overlay opens DNS and HTTPS, nothing more.
     egress = next(r for r in build(KUBE / "object-storage") if r["kind"] == "NetworkPolicy")["spec"]["egress"]
     assert sorted(p["port"] for rule in egress for p in rule["ports"]) == [53, 53, 443]
@@ -372,3 +380,14 @@ def test_a_hung_pod_is_handled_with_the_timeouts_the_rehearsal_uses():
     assert f"timeout server {UPSTREAM_TIMEOUT_S}s" in config and f"retries {UPSTREAM_ATTEMPTS - 1}" in config
     assert "retry-on conn-failure empty-response response-timeout 503" in config
     assert "option redispatch 1" in config and f"timeout check {CHECK_TIMEOUT_MS}ms" in config
+
+
+def test_the_ingress_and_the_rehearsal_cap_request_bodies_at_the_same_size():
+    """Triton 2.51 caps no body itself: the load balancer in front must (serve/endpoints.py MAX_REQUEST_MB)."""
+    from deploy.local_fleet import Fleet
+
+    for name in ("threegnet-http", "threegnet-grpc"):
+        ingress = next(r for r in build(KUBE) if r["kind"] == "Ingress" and r["metadata"]["name"] == name)
+        assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == f"{MAX_REQUEST_MB}m"
+    config = Fleet(ROOT, replicas=1).config()  # the rehearsal's HAProxy, as it would start
+    assert f"req.hdr_val(content-length) gt {MAX_REQUEST_MB * 1024 * 1024}" in config

@@ -40,7 +40,6 @@ JOB = "threegnet-triton"
 # Panels on metrics nothing exports yet, or that this machine cannot have: the only ones allowed to be
 # empty in the rehearsal (and they must be: a panel that gets data belongs with the others).
 PANELS_WITHOUT_DATA = {
-    "Backend processes healed": "threegnet_supervisor_heals_total: the launcher does not export it yet",
     "GPU utilization": "nv_gpu_utilization: no GPU in the rehearsal",
 }
 
