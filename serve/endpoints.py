@@ -59,7 +59,7 @@ CLASSIFIER_SUFFIX = "_classifier"
 # these; tests/test_deploy_manifests.py checks that the manifests agree.
 # The largest request body a load balancer or Ingress forwards: a batch of 8 uploads (predict.py's default)
 # at the preprocessing's 25 MiB cap per image, plus framing. Triton 2.51 caps nothing itself: a 2 GiB body
-# aborts it, an inflating gzip body keeps its size in memory (docs/security.md#request-limits).
+# aborts it, an inflating gzip body keeps its size in memory (docs/security.md#the-caps-in-front-of-triton).
 MAX_REQUEST_MB = 256
 UPSTREAM_TIMEOUT_S = 3  # a replica silent this long is given up on: 1.5x the slowest healthy p99.9 (1.9 s)
 UPSTREAM_ATTEMPTS = 3  # tries per request, each on another replica: the first and two retries

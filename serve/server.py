@@ -53,15 +53,10 @@ from serve.supervisor import Supervisor
 # Lines of Triton's log that are noise on a machine without a GPU.
 _NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM unable to start")
 _ERROR_LINE = re.compile(r"^(E\d{4} |error: |Error: )")
-# glibc malloc settings for tritonserver and the python-backend stubs (they inherit its environment);
-# the environment's own MALLOC_* win. By default a freed buffer over 128 KiB raises the mmap threshold
-# to its size, so the next request bodies and decode buffers come from arenas that are never given back:
-# 8 bursts of 200 12 MP JPEGs left tritonserver at 590 MB (from 50). A fixed threshold (which also
-# stops that adjustment) mmaps large buffers and unmaps them when freed; two arenas bound what the
-# HTTP threads hold. Measured on the 2-core CPU (docs/hostile-requests-notes.md): the tree's PSS
-# 10 s after the bursts went from 687 to 235 MB (idle 229 and 180). The price: mapping and unmapping each
-# upload's buffers: 12 MP JPEGs at concurrency 4 served 2-18% fewer per second in 6 of 7 paired runs
-# (noisy: a busy 2-core machine). Set MALLOC_MMAP_THRESHOLD_ etc. in the environment to choose otherwise.
+# glibc malloc settings for tritonserver and the python-backend stubs (they inherit its environment; its own
+# MALLOC_* win): a fixed mmap threshold gives large request and decode buffers back when freed, two arenas
+# bound what the HTTP threads hold, so memory returns after bursts of camera photos (measured, with the
+# price: docs/performance.md#memory-after-bursts-of-camera-photos-the-malloc-settings).
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "262144", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 
 

@@ -302,3 +302,35 @@ def test_a_whole_fleet_frozen_is_refused_fast_not_queued(fleet, ca):
     # (HAProxy's sign that the request was not processed and may be sent again).
     odd = [o for o in errors if not any(m in o[3] for m in ("503", "UNAVAILABLE", "connection closed"))]
     assert not odd, odd[:3]
+
+
+def test_bodies_triton_cannot_bound_are_refused_at_the_balancer(fleet, ca):
+    """Triton 2.51 inflates compressed bodies and buffers any size: the balancer refuses both, and a body
+    whose size it is not told, before a replica sees a byte of it."""
+    import gzip
+    import http.client
+    import ssl
+
+    from serve.endpoints import MAX_REQUEST_MB
+
+    context = ssl.create_default_context(cafile=str(ca))
+
+    def status(headers: dict[str, str], body: bytes | None = None) -> int:
+        connection = http.client.HTTPSConnection(fleet.host, fleet.http_port, context=context, timeout=30)
+        try:
+            connection.putrequest("POST", "/v2/models/threegnet_image/infer", skip_accept_encoding=True)
+            for name, value in headers.items():
+                connection.putheader(name, value)
+            connection.endheaders(body)
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    small = gzip.compress(b"{}" * 1000)
+    assert status({"Content-Encoding": "gzip", "Content-Length": str(len(small))}, small) == 415
+    too_big = str(MAX_REQUEST_MB * 1024 * 1024 + 1)
+    assert status({"Content-Length": too_big}) == 413  # refused on the header: the body is never sent
+    assert status({"Transfer-Encoding": "chunked"}, b"0\r\n\r\n") == 411
+    # A plain, announced body passes to Triton, which answers for itself (it rejects this one as incomplete).
+    assert status({"Content-Length": "2"}, b"{}") not in (403, 411, 413, 415)
+    assert set(fleet.states().values()) == {"UP"}

@@ -4,7 +4,7 @@ the others are answered, the server stays ready, and its memory stays bounded an
 
 Memory is the server's process tree (tritonserver and its python-backend stubs) read from /proc:
 PSS, because the stubs' shared-memory regions are mapped by tritonserver too and RSS would count
-them twice. Measured numbers: docs/hostile-requests-notes.md.
+them twice. Measured numbers: docs/performance.md#8-hostile-requests-and-memory-after-bursts.
 """
 
 from __future__ import annotations
@@ -415,9 +415,9 @@ def large_post(server: TritonServer, body: bytes | Iterator[bytes], headers: dic
 @pytest.mark.slow
 def test_a_large_body_costs_memory_only_while_it_is_read(server):
     """A 1 GiB body, streamed (never built here): Triton 2.51 has no size cap (tritonserver --help has
-    none; docs/hostile-requests-notes.md), so it buffers it all and then refuses it; 2 GiB aborts it,
-    which only a cap in front prevents. What the server itself does: others are served meanwhile, it
-    stays ready, and the memory comes back."""
+    none; docs/security.md#what-triton-251-cannot-cap-request-bodies), so it buffers it all and then
+    refuses it; 2 GiB aborts it, which only a cap in front prevents. What the server itself does:
+    others are served meanwhile, it stays ready, and the memory comes back."""
     cost = large_post(server, zeros(1024 * MIB), {"Content-Length": str(1024 * MIB)})
     assert cost["status"] in (400, 413, 500)
     assert cost["after"]["pss_mb"] - cost["idle"]["pss_mb"] < 150, cost
@@ -427,7 +427,8 @@ def test_a_large_body_costs_memory_only_while_it_is_read(server):
 @pytest.mark.xfail(
     strict=True,
     reason="Triton 2.51 never frees an inflated gzip/deflate body (+256 MiB resident per 0.3 MB request, "
-    "measured); it has no flag to refuse Content-Encoding: refuse it in front (docs/hostile-requests-notes.md)",
+    "measured); it has no flag to refuse Content-Encoding: refuse it in front "
+    "(docs/security.md#the-caps-in-front-of-triton)",
 )
 def test_a_compressed_body_leaves_nothing_behind(server):
     """Last in this module: when it fails as expected, what it left behind stays in this server."""
