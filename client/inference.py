@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from geventhttpclient.response import HTTPConnectionClosed
 from tritonclient.utils import InferenceServerException
 
 from serve.control import INFERENCE_KEY_HEADER, ControlKeyError, grpc_headers, http_headers, read_key
@@ -196,8 +197,8 @@ def _is_overloaded(e: BaseException) -> bool:
 def _is_connection_error(e: BaseException) -> bool:
     if isinstance(e, InferenceServerException):
         return e.status() == "StatusCode.UNAVAILABLE" and not _is_overloaded(e)
-    if isinstance(e, http.client.HTTPException):  # a connection closed with no answer: a balancer's "send it again"
-        return True
+    if isinstance(e, http.client.HTTPException):  # closed with no answer: a balancer's "send it again"
+        return isinstance(e, HTTPConnectionClosed | http.client.RemoteDisconnected | http.client.IncompleteRead)
     return isinstance(e, OSError) and not isinstance(e, TimeoutError)
 
 
@@ -218,7 +219,8 @@ def _message(e: BaseException) -> str:
     return (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
 
 
-# Defaults, from the measurements in docs/soak-notes.md (2-core CPU, the fleet of deploy/local_fleet.py):
+# Defaults, from the measurements in docs/performance.md#9-hung-replicas-and-the-soak-2026-11-29 (2-core CPU,
+# the fleet of deploy/local_fleet.py):
 # timeout: 10 s covers the load balancer's whole budget (3 tries of 3 s, serve/endpoints.py) and 5x the slowest
 # healthy answer measured (p99.9 1.9 s: 8 camera photos at full load), so a healthy request never times out here.
 DEFAULT_TIMEOUT_S = 10.0
@@ -338,6 +340,12 @@ class TritonClassifier:
             try:
                 return fn(self._client(), **kwargs)
             except (InferenceServerException, OSError, http.client.HTTPException) as e:
+                if isinstance(e, http.client.HTTPException) and not _is_connection_error(e):
+                    detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+                    raise ServerUnreachable(
+                        f"cannot talk to Triton at {self.where}: the answer is not HTTP ({detail}); "
+                        "is it the gRPC port? (--protocol grpc)"
+                    ) from None
                 if _is_restricted(e):
                     raise AccessDenied(f"{what}: the server at {self.where} wants a key: {_message(e)}") from None
                 if _is_timeout(e):

@@ -1,6 +1,6 @@
 """bench/soak.py --quick: three short "minutes" of open-loop load on two servers side by side (the shipped queue
 policy and the queue timeout off), each minute's answers, refusals, latency and server memory recorded. No timing
-target is asserted: the long run and its verdict are in docs/soak-notes.md."""
+target is asserted: the long run and its verdict are in docs/performance.md#9-hung-replicas-and-the-soak-2026-11-29."""
 
 from __future__ import annotations
 
