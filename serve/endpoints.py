@@ -54,14 +54,14 @@ DATA_PLANE_GRPC_METHODS = (
 # probabilities only) and NAME_image_classifier; clients find them by these names.
 IMAGE_MODEL_SUFFIX = "_image"
 CLASSIFIER_SUFFIX = "_classifier"
-# When a replica hangs (docs/deploy.md "When a pod hangs"; the measurements in
-# docs/performance.md#9-hung-replicas-and-the-soak-2026-11-29). The load balancer in front (HAProxy in
-# deploy/local_fleet.py, ingress-nginx in the cluster) and the liveness probe read
-# these; tests/test_deploy_manifests.py checks that the manifests agree.
 # The largest request body a load balancer or Ingress forwards: a batch of 8 uploads (predict.py's default)
 # at the preprocessing's 25 MiB cap per image, plus framing. Triton 2.51 caps nothing itself: a 2 GiB body
 # aborts it, an inflating gzip body keeps its size in memory (docs/security.md#the-caps-in-front-of-triton).
 MAX_REQUEST_MB = 256
+# When a replica hangs (docs/deploy.md "When a pod hangs"; the measurements in
+# docs/performance.md#9-hung-replicas-and-the-soak-2026-11-29). The load balancer in front (HAProxy in
+# deploy/local_fleet.py, ingress-nginx in the cluster) and the liveness probe read
+# these; tests/test_deploy_manifests.py checks that the manifests agree.
 UPSTREAM_TIMEOUT_S = 3  # a replica silent this long is given up on: 1.5x the slowest healthy p99.9 (1.9 s)
 UPSTREAM_ATTEMPTS = 3  # tries per request, each on another replica: the first and two retries
 UPSTREAM_BUDGET_S = UPSTREAM_TIMEOUT_S * UPSTREAM_ATTEMPTS  # all of them together, then an error, never a queue
