@@ -10,12 +10,14 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 from conftest import ROOT
+from helpers import CONTROL_PLANE_PATHS, DATA_PLANE_PATHS
 
 from serve.endpoints import (
     CONTAINER_REPOSITORY,
@@ -261,8 +263,10 @@ def ingress_paths(name: str) -> list[dict]:
 
 
 def nginx_matches(paths: list[dict], url_path: str) -> bool:
-    """ingress-nginx with use-regex: `location ~* ^PATH` (case-insensitive, anchored at the start)."""
-    return any(re.match("^" + p["path"], url_path, re.IGNORECASE) for p in paths)
+    """ingress-nginx with use-regex: `location ~* ^PATH` (case-insensitive, anchored at the start), matched
+    against the decoded path, as nginx decodes it before choosing a location."""
+    decoded = urllib.parse.unquote(url_path)
+    return any(re.match("^" + p["path"], decoded, re.IGNORECASE) for p in paths)
 
 
 def test_the_http_ingress_forwards_only_the_data_plane():
@@ -274,21 +278,8 @@ def test_the_http_ingress_forwards_only_the_data_plane():
         assert p["pathType"] == "ImplementationSpecific" and p["path"].endswith("$")  # anchored: no prefix leaks
         assert p["path"] == "/v2$" or p["path"].startswith(DATA_PLANE_HTTP_PATHS)
         assert service_ports[p["backend"]["service"]["port"]["name"]] == HTTP_PORT
-    data_plane = [
-        "/v2", LIVE_PATH, READY_PATH, "/v2/models/threegnet", "/v2/models/threegnet/versions/2",
-        "/v2/models/threegnet_image/infer", "/v2/models/threegnet/versions/1/infer", "/v2/models/threegnet/ready",
-        "/v2/models/threegnet_image_classifier/versions/3/ready",
-    ]  # fmt: skip
-    control_plane = [
-        "/v2/repository/index", "/v2/repository/models/threegnet/load", "/v2/repository/models/threegnet/unload",
-        "/v2/models/threegnet/config", "/v2/models/threegnet/versions/1/config", "/v2/models/stats",
-        "/v2/models/STATS", "/v2/models/threegnet/stats", "/v2/models/threegnet/versions/1/stats",
-        "/v2/systemsharedmemory/status", "/v2/systemsharedmemory/region/r/register", "/v2/cudasharedmemory/status",
-        "/v2/trace/setting", "/v2/models/threegnet/trace/setting", "/v2/logging", "/v2/models/threegnet/generate",
-        "/metrics", "/", "/v2/", "/v2/health", "/v2/healthz", "/v2/models", "/v2/models/",
-    ]  # fmt: skip
-    assert [p for p in data_plane if not nginx_matches(paths, p)] == []
-    assert [p for p in control_plane if nginx_matches(paths, p)] == []
+    assert [p for p in DATA_PLANE_PATHS if not nginx_matches(paths, p)] == []
+    assert [p for p in CONTROL_PLANE_PATHS if nginx_matches(paths, p)] == []
 
 
 def test_the_grpc_ingress_forwards_exactly_the_data_plane_methods():
