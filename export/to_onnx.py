@@ -81,7 +81,14 @@ from export.verify import (
 )
 from serve.children import STOP_SIGNALS, Stopped, raise_on_stop_signals
 from threegnet_preprocessing import IMAGE_SUFFIXES, ImageError, Preprocessing, load_and_preprocess
-from training.checkpoint import CheckpointError, describe_os_error, load_model, os_error_in, sha256sum
+from training.checkpoint import (
+    CheckpointError,
+    describe_os_error,
+    exception_in,
+    load_model,
+    os_error_in,
+    sha256sum,
+)
 from training.model import ARCHS
 
 # Tolerances per precision: (max |Δ probability| vs PyTorch fp32, min top-1 agreement). INT8 is judged
@@ -454,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: export abandoned; staging removed")
         return 130
     except Exception as e:
-        stopped = _in_chain(e, Stopped)  # also when a library wrapped it into its own error
+        stopped = exception_in(e, Stopped)  # also when a library wrapped it into its own error
         if stopped is not None:
             log(f"{stopped}: export abandoned; staging removed")
             return 128 + stopped.signum
@@ -465,17 +472,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({path})" if path else ""
         log(f"error: {describe_os_error(cause)}{where}; export abandoned, staging removed")
         return 2
-
-
-def _in_chain(e: BaseException, kind: type[Stopped]) -> Stopped | None:
-    seen: set[int] = set()
-    current: BaseException | None = e
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -194,18 +194,25 @@ def make_checkpoint(
     }
 
 
-def os_error_in(e: BaseException) -> OSError | None:
-    """The :class:`OSError` behind ``e``: itself, or one it was raised from or while handling
-    (``torch.save`` reports a failed write as "enforce fail at inline_container.cc", with the
-    ``OSError`` only as its context)."""
+E = TypeVar("E", bound=BaseException)
+
+
+def exception_in(e: BaseException, kind: type[E]) -> E | None:
+    """The ``kind`` exception behind ``e``: itself, or one it was raised from or while handling
+    (libraries wrap what they catch: ``torch.save`` reports a failed write as "enforce fail at
+    inline_container.cc", with the ``OSError`` only as its context)."""
     seen: set[int] = set()
     current: BaseException | None = e
     while current is not None and id(current) not in seen:
-        if isinstance(current, OSError):
+        if isinstance(current, kind):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    return exception_in(e, OSError)
 
 
 def describe_os_error(e: OSError) -> str:
