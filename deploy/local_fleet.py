@@ -308,12 +308,8 @@ class Fleet(Addresses):
 
     def prometheus_config(self) -> str:
         """Scrape every replica's metrics port, labelled with its name; load the fleet's alert rules."""
-        # Triton's metrics and the launcher's own (the supervisor's heals and rollouts), one job as in the cluster.
-        targets = [
-            {"targets": [f"127.0.0.1:{r.metrics_port}", f"127.0.0.1:{r.supervisor_metrics_port}"],
-             "labels": {"replica": r.name}}
-            for r in self.replicas
-        ]  # fmt: skip
+        # Triton's metrics, one target per replica (the launcher's own port is scraped in the cluster).
+        targets = [{"targets": [f"127.0.0.1:{r.metrics_port}"], "labels": {"replica": r.name}} for r in self.replicas]
         config = {
             "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "scrape_timeout": f"{SCRAPE_INTERVAL_S}s",
                        "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from serve.endpoints import METRICS_PATH, METRICS_PORT
+from serve.endpoints import METRICS_PATH, METRICS_PORT, SUPERVISOR_METRICS_PORT
 
 MONITORING = ROOT / "deploy" / "kubernetes" / "monitoring"
 PROMETHEUS_RULE = MONITORING / "prometheus-rule.yaml"
@@ -40,6 +40,7 @@ JOB = "threegnet-triton"
 # Panels on metrics nothing exports yet, or that this machine cannot have: the only ones allowed to be
 # empty in the rehearsal (and they must be: a panel that gets data belongs with the others).
 PANELS_WITHOUT_DATA = {
+    "Backend processes healed": "the launcher's port (8003) is scraped in the cluster, not in the rehearsal",
     "GPU utilization": "nv_gpu_utilization: no GPU in the rehearsal",
 }
 
@@ -166,9 +167,10 @@ def test_the_service_monitor_scrapes_the_services_metrics_port():
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"]["matchNames"] == [service["metadata"]["namespace"]]
     assert service["metadata"]["name"] == JOB  # the operator names the job after the Service: the rules' job
-    (endpoint,) = monitor["spec"]["endpoints"]
-    (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
-    assert port["port"] == METRICS_PORT and endpoint["path"] == METRICS_PATH
+    # Triton's metrics and the launcher's own (the supervisor's heals, rollouts, refused versions).
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    scraped = {ports[e["port"]] for e in monitor["spec"]["endpoints"] if e["path"] == METRICS_PATH}
+    assert scraped == {METRICS_PORT, SUPERVISOR_METRICS_PORT}
     kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == ["prometheus-rule.yaml", "servicemonitor.yaml"]
 
