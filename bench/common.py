@@ -1,18 +1,14 @@
-"""What every benchmark shares: the machine's description, timing, the model under test, result files.
-
-Numbers on a shared 2-core machine move with whatever else runs, so nothing here
-reports a lone absolute time as the result: each figure that matters is a ratio of
-two things timed in the same run, in alternating rounds (A, B, A, B, ...), so a
-burst of outside load hits both sides alike. Each series keeps every sample; the
-tables show the median, and the JSON keeps the rest.
-"""
+"""What every benchmark shares: the machine, timing, the model under test, result files. Figures that matter
+are ratios of two things timed side by side, so that outside load hits both alike (docs/performance.md)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -20,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +24,9 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first on sys.path, not the root
-    sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "bench" / "results"
-ARCH = "resnet50_3g"
 CROP = 224
-NUM_CLASSES = 1000
 # ResNet50-3G at 224x224: about 6.8 GMAC = 13.6 GFLOP per image (docs/performance.md); bench/model_speed.py
 # counts it again with torch's FLOP counter and records both.
 GFLOP_PER_IMAGE = 13.6
@@ -45,9 +38,9 @@ class Settings:
     """How much work a run does: the full benchmark or the quick smoke run (``--quick``)."""
 
     quick: bool = False
-    arch: str = ARCH
+    arch: str = "resnet50_3g"
     crop: int = CROP
-    num_classes: int = NUM_CLASSES
+    num_classes: int = 1000
     dim: int = 256
     batches: tuple[int, ...] = (1, 8, 32)
     rounds: int = 5  # alternating rounds per comparison (each side timed once per round)
@@ -73,20 +66,7 @@ class Settings:
 # -- the machine --------------------------------------------------------------------------------------
 
 
-def _cpuinfo() -> dict[str, str]:
-    info: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key and key not in info:
-                info[key] = value.strip()
-            if not line.strip() and info:
-                break  # the first processor is enough
-    return info
-
-
-def _version(package: str) -> str | None:
+def version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -94,34 +74,24 @@ def _version(package: str) -> str | None:
 
 
 def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def machine() -> dict[str, Any]:
     """CPU model, cores, the vector/matrix extensions that decide fp32/bf16/int8 speed, versions."""
-    info = _cpuinfo()
-    flags = set(info.get("flags", "").split())
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    mem_gib = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        mem_kib = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
-        mem_gib = round(int(mem_kib.split()[1]) / 2**20, 1)
     import onnxruntime as ort
     import torch
 
+    first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    info = {key.strip(): value.strip() for key, _, value in (ln.partition(":") for ln in first_cpu.splitlines())}
+    flags = set(info.get("flags", "").split())
     return {
         "cpu": info.get("model name", platform.processor() or "unknown"),
         "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
-        "cores": usable,
+        "cores": len(os.sched_getaffinity(0)),
         "logical_cpus": os.cpu_count(),
         "flags": [f for f in CPU_FLAGS if f in flags],
-        "memory_gib": mem_gib,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -129,10 +99,10 @@ def machine() -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onnxruntime": ort.__version__,
         "onnxruntime_providers": ort.get_available_providers(),
-        "onnx": _version("onnx"),
+        "onnx": version("onnx"),
         "numpy": np.__version__,
-        "tritonclient": _version("tritonclient"),
-        "nvidia-pytriton": _version("nvidia-pytriton"),
+        "tritonclient": version("tritonclient"),
+        "nvidia-pytriton": version("nvidia-pytriton"),
         "load_average_at_start": load_average(),
     }
 
@@ -168,27 +138,12 @@ class Series:
         return {"median_s": self.median, "best_s": self.best, "samples_s": [round(s, 6) for s in self.samples]}
 
 
-class Measured(float):
-    """Seconds measured where the work ran (inside a :class:`Worker`), without the IPC around it."""
-
-
-def timed(fn: Callable[[], object]) -> float:
-    """Seconds one call takes (or what it measured itself, when it returns :class:`Measured`)."""
-    start = time.perf_counter()
-    result = fn()
-    elapsed = time.perf_counter() - start
-    return float(result) if isinstance(result, Measured) else elapsed
-
-
 def alternate(
-    fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, gap: float = 0.02
+    fns: dict[str, Callable[[], float]], rounds: int, warmup: int = 1, gap: float = 0.02
 ) -> dict[str, Series]:
-    """Time each function once per round, in turn, ``rounds`` times (after ``warmup`` untimed rounds).
-
-    Alternating rather than timing A ``n`` times then B ``n`` times is what makes the
-    ratio of A to B trustworthy on a machine whose load changes by the second. The
-    ``gap`` lets the previous engine's thread pool stop spinning before the next starts.
-    """
+    """Call each function (it returns the seconds it measured: :meth:`Worker.bind`) once per round, in turn,
+    ``rounds`` times after ``warmup`` untimed rounds; the ``gap`` lets the previous engine's thread pool stop
+    spinning before the next starts."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -196,88 +151,53 @@ def alternate(
     out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            out[name].append(timed(fn))
+            out[name].append(fn())
             time.sleep(gap)
     return {name: Series(s) for name, s in out.items()}
 
 
-def _worker_main(conn: Any, factory: Callable[..., Callable[[Any], object]], args: tuple) -> None:
-    try:
-        fn = factory(*args)
-        conn.send(("ready", None))
-    except BaseException as e:  # report it; never leave the parent waiting
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-        return
-    while True:
-        command, arg = conn.recv()
-        if command != "run":
-            return
-        try:
-            start = time.perf_counter()
-            result = fn(arg)
-            conn.send(("done", (time.perf_counter() - start, result)))
-        except BaseException as e:
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+_engine: Callable[[Any], object] | None = None  # a Worker's engine, in the Worker's process
 
 
-class Worker:
-    """An engine (PyTorch eager, an onnxruntime session, a matrix multiply) in a process of its own.
+def _build(factory: Callable[..., Callable[[Any], object]], args: tuple) -> None:
+    global _engine
+    _engine = factory(*args)
 
-    Two engines in one process disturb each other: onnxruntime's intra-op threads keep spinning
-    after a run, and PyTorch's OpenMP team, waiting at a barrier for all its threads, loses whole
-    time slices to them. So each engine gets a process, and only one of them works at a time.
-    ``factory(*args)`` runs in the child (a module-level function, for pickling) and
-    returns ``fn(arg)``; :meth:`run` calls it there and returns (seconds, its result).
-    """
+
+def _call(arg: Any) -> tuple[float, Any]:
+    assert _engine is not None
+    start = time.perf_counter()
+    result = _engine(arg)
+    return time.perf_counter() - start, result
+
+
+class Worker(ProcessPoolExecutor):
+    """An engine (PyTorch eager, an onnxruntime session, a matrix multiply) in a process of its own: in one
+    process, onnxruntime's spinning threads cost PyTorch's OpenMP team whole time slices. ``factory(*args)``
+    (module-level, for pickling) runs in the child and returns ``fn(arg)``; :meth:`run` calls it there and
+    returns (seconds, its result)."""
 
     def __init__(self, factory: Callable[..., Callable[[Any], object]], *args: Any) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self.name = factory.__name__
-        self.process = ctx.Process(target=_worker_main, args=(child, factory, args), daemon=True)
-        self.process.start()
-        status, detail = self._conn.recv()
-        if status != "ready":
-            self.close()
-            raise RuntimeError(f"benchmark worker {self.name} failed to start: {detail}")
+        super().__init__(1, multiprocessing.get_context("spawn"), initializer=_build, initargs=(factory, args))
+        try:
+            self.submit(time.sleep, 0).result()  # the engine is built here, or its error raised
+        except BaseException as e:
+            self.shutdown(cancel_futures=True)
+            raise RuntimeError(f"benchmark worker {factory.__name__} failed to start (its error is above)") from e
 
     def run(self, arg: Any = None) -> tuple[float, Any]:
-        self._conn.send(("run", arg))
-        status, detail = self._conn.recv()
-        if status != "done":
-            raise RuntimeError(f"benchmark worker {self.name}: {detail}")
-        return detail
+        return self.submit(_call, arg).result()
 
-    def bind(self, arg: Any = None) -> Callable[[], Measured]:
-        """A no-argument callable for :func:`alternate` that reports the worker's own timing."""
-        return lambda: Measured(self.run(arg)[0])
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, EOFError):
-            self._conn.send(("stop", None))
-        self.process.join(timeout=10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-
-    def __enter__(self) -> Worker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if len(values) else float("nan")
+    def bind(self, arg: Any = None) -> Callable[[], float]:
+        """A no-argument callable for :func:`alternate`: the seconds one run takes in the worker."""
+        return lambda: self.run(arg)[0]
 
 
 # -- models -------------------------------------------------------------------------------------------
 
 
-def ort_session(path: str | Path, threads: int = 0, profile_prefix: str | None = None, **config: str):
-    """An onnxruntime CPU session the way the server builds one (all graph optimizations on)."""
+def ort_session(model: str | Path | bytes, threads: int = 0, profile_prefix: str | None = None, **config: str):
+    """An onnxruntime CPU session on a model file (or its bytes) the way the server builds one."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -288,12 +208,13 @@ def ort_session(path: str | Path, threads: int = 0, profile_prefix: str | None =
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def build_serving(settings: Settings, seed: int = 0):
-    """The project's model in its serving wrapper (uint8 NHWC in), random weights: speed does not
-    depend on them. BatchNorm statistics are left at their defaults."""
+    """The project's model in its serving wrapper (uint8 NHWC in), random weights and BatchNorm statistics
+    at their defaults: speed does not depend on them."""
     import torch
 
     from export.serving_model import ServingModel
@@ -356,25 +277,19 @@ def write(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> None
     (out_dir / f"{name}.md").write_text(markdown.rstrip() + "\n")
 
 
-def run_part(
-    name: str,
-    doc: str | None,
-    run: Callable[..., tuple[dict[str, Any], str]],
-    flags: Callable[[argparse.ArgumentParser], None] | None = None,
-) -> int:
-    """``main()`` of a part: ``--quick``, ``--out`` and ``--work``, plus what ``flags(parser)`` adds (then
-    ``run`` gets the parsed arguments too); runs it in a scratch folder, writes and prints its tables."""
+def run_part(name: str, doc: str | None, run: Callable[..., tuple[dict[str, Any], str]], **flags: Any) -> int:
+    """``main()`` of a part or study: ``--quick``, ``--out`` and ``--work``, plus an option per ``flags`` entry
+    (its ``add_argument`` keywords) whose value ``run`` gets by name; writes and prints the tables."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small model and few rounds: a smoke run")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
     p.add_argument("--work", type=Path, help="keep the data, models and ONNX files here (default: a scratch folder)")
-    if flags is not None:
-        flags(p)
+    for flag, options in flags.items():
+        p.add_argument("--" + flag.replace("_", "-"), **options)
     args = p.parse_args()
     settings = Settings.make(args.quick)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        work = args.work or Path(tmp)
-        data, markdown = run(settings, work) if flags is None else run(settings, work, args)
+        data, markdown = run(settings, args.work or Path(tmp), **{flag: getattr(args, flag) for flag in flags})
     info = machine()
     write(args.out, name, {"machine": info, **data}, machine_markdown(info) + "\n\n" + markdown)
     print(markdown)
@@ -386,8 +301,8 @@ def log(message: str) -> None:
 
 
 def entry(main: Callable[[], int]) -> None:
-    """Run a benchmark's ``main`` as a program that owns what it starts: SIGINT, SIGTERM and
-    SIGHUP unwind it (servers and worker processes stop through their context managers)."""
+    """Run ``main`` as a program whose SIGINT, SIGTERM and SIGHUP unwind it, so that its servers and worker
+    processes stop through their context managers."""
     from serve.children import Stopped, raise_on_stop_signals
 
     raise_on_stop_signals()
@@ -410,26 +325,24 @@ def stage(what: str) -> Iterator[None]:
 # -- engines, built inside a Worker ------------------------------------------------------------------
 
 
-def _batch(arg: int | np.ndarray, crop: int, cache: dict[int, np.ndarray]) -> np.ndarray:
-    if isinstance(arg, np.ndarray):
-        return arg
-    if arg not in cache:
-        cache[arg] = images(arg, crop)
-    return cache[arg]
+_noise = functools.cache(images)  # one batch of each size per engine: made once, never written to
+
+
+def _batch(arg: int | np.ndarray, crop: int) -> np.ndarray:
+    return arg if isinstance(arg, np.ndarray) else _noise(arg, crop)
 
 
 def eager_engine(settings: Settings, bf16: bool = False, state_dict_path: str | None = None) -> Callable[[Any], Any]:
-    """PyTorch eager on the serving model: ``fn(batch size)`` times noise, ``fn(images)`` returns
-    probabilities. ``bf16``: under ``torch.autocast`` (the head keeps its second-order part fp32)."""
+    """PyTorch eager on the serving model: ``fn(batch size)`` runs noise, ``fn(images)`` returns probabilities.
+    ``bf16``: under ``torch.autocast`` (the head keeps its second-order part fp32)."""
     import torch
 
     serving, _ = build_serving(settings)
     if state_dict_path:
         serving.model.load_state_dict(torch.load(state_dict_path, weights_only=True))
-    cache: dict[int, np.ndarray] = {}
 
     def run(arg: int | np.ndarray) -> np.ndarray | None:
-        x = torch.from_numpy(_batch(arg, settings.crop, cache))
+        x = torch.from_numpy(_batch(arg, settings.crop))
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             probabilities = serving(x)[0]
         return probabilities.float().numpy() if isinstance(arg, np.ndarray) else None
@@ -438,13 +351,11 @@ def eager_engine(settings: Settings, bf16: bool = False, state_dict_path: str | 
 
 
 def onnx_engine(path: str, crop: int, threads: int = 0, config: dict[str, str] | None = None) -> Callable[[Any], Any]:
-    """onnxruntime on an exported model: ``fn(batch size)`` times noise, ``fn(images)`` returns
-    probabilities."""
+    """onnxruntime on an exported model: ``fn(batch size)`` runs noise, ``fn(images)`` returns probabilities."""
     sess = ort_session(path, threads, **(config or {}))
-    cache: dict[int, np.ndarray] = {}
 
     def run(arg: int | np.ndarray) -> np.ndarray | None:
-        (probabilities,) = sess.run(["probabilities"], {"image": _batch(arg, crop, cache)})
+        (probabilities,) = sess.run(["probabilities"], {"image": _batch(arg, crop)})
         return probabilities if isinstance(arg, np.ndarray) else None
 
     return run

@@ -1,27 +1,14 @@
-"""GPU harness: ResNet50-3G against torchvision's ResNet-50 in the same harness, batch 1 to 256.
-
-    python bench/gpu.py --out bench/results/gpu        # about 2-4 minutes on an H100
-
-Needs only torch, torchvision and numpy (and this repository's ``training/``, ``export/`` and
-``threegnet_preprocessing.py`` for the model). Measures, for each batch size and both models:
-PyTorch eager fp32 and PyTorch bf16 autocast (3G-Net's head keeps its covariance and Newton-Schulz in fp32 by itself);
-then, where they exist, onnxruntime's CUDA and TensorRT (FP16) providers on the ONNX
-exports, and a Triton server. Whatever is missing is skipped with a note saying why.
-
-Both models run inside the serving wrapper (``export/serving_model.py``): uint8 NHWC images
-already on the GPU, normalized inside the timed region, channels-last convolutions. The
-throughput ratio (3G img/s over ResNet-50 img/s) is reported next to the FLOP ratio
-(docs/performance.md). Without a CUDA GPU it says so and exits 0.
-"""
+"""GPU harness: ResNet50-3G against torchvision's ResNet-50 in the same serving wrapper, batch 1 to 256, in
+PyTorch fp32 and bf16, then onnxruntime CUDA, TensorRT FP16 and Triton where they exist (else a note says why);
+the throughput ratio next to the FLOP ratio (docs/gpu.md). About 2-4 minutes on an H100; without a CUDA GPU
+it says so and exits 0."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,18 +16,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: the repository's packages first
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import GFLOP_PER_IMAGE, entry, md_table, write  # noqa: E402 (after the path)
+from bench.common import CROP, GFLOP_PER_IMAGE, Settings, build_serving, entry, images, md_table, version, write
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-CROP = 224
 GFLOP = {"resnet50_3g": GFLOP_PER_IMAGE, "resnet50": 8.2}  # per 224x224 image: 6.8 and 4.1 GMAC
 FLOP_RATIO = GFLOP["resnet50"] / GFLOP["resnet50_3g"]  # 0.6: the throughput ratio to expect at equal efficiency
 
@@ -58,24 +39,20 @@ class _Plain(nn.Module):
 
 def build(name: str) -> nn.Module:
     """The model in the serving wrapper, random weights: speed does not depend on them."""
+    if name == "resnet50_3g":
+        return build_serving(Settings())[0]
+    import torchvision
+
     from export.serving_model import ServingModel
     from threegnet_preprocessing import Preprocessing
 
     torch.manual_seed(0)
-    if name == "resnet50_3g":
-        from training.model import create_model
-
-        model = create_model("resnet50_3g", num_classes=1000)
-    else:
-        import torchvision
-
-        model = _Plain(torchvision.models.resnet50(num_classes=1000))
-    return ServingModel(model, Preprocessing()).eval()
+    return ServingModel(_Plain(torchvision.models.resnet50(num_classes=1000)), Preprocessing()).eval()
 
 
 def gpu_info() -> dict[str, Any]:
     props = torch.cuda.get_device_properties(0)
-    info = {
+    return {
         "gpu": torch.cuda.get_device_name(0),
         "gpu_memory_gib": round(props.total_memory / 2**30, 1),
         "multiprocessors": props.multi_processor_count,
@@ -84,26 +61,16 @@ def gpu_info() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
         "python": platform.python_version(),
-        # PyTorch's defaults, recorded because they decide what "fp32" means on this GPU:
-        # convolutions may use TF32 tensor cores, matrix products (the 3G head) do not.
+        # What "fp32" means here: convolutions may use TF32 tensor cores, matrix products (the 3G head) do not.
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "cudnn_benchmark": True,
+        "torchvision": version("torchvision"),
+        "onnxruntime": version("onnxruntime-gpu") or version("onnxruntime"),
     }
-    with contextlib.suppress(Exception):
-        import torchvision
-
-        info["torchvision"] = torchvision.__version__
-    with contextlib.suppress(Exception):
-        import onnxruntime as ort
-
-        info["onnxruntime"] = ort.__version__
-        info["onnxruntime_providers"] = ort.get_available_providers()
-    return info
 
 
 def time_gpu(fn: Callable[[], object], min_seconds: float = 0.3, max_iters: int = 50) -> dict[str, float]:
-    """Median-free GPU timing: warm up, pick an iteration count worth ``min_seconds``, time it with events."""
+    """Warm up, pick an iteration count worth ``min_seconds``, time those with CUDA events."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -122,175 +89,155 @@ def time_gpu(fn: Callable[[], object], min_seconds: float = 0.3, max_iters: int 
     return {"ms": start.elapsed_time(end) / iters, "iterations": iters}
 
 
+def timed_row(row: dict[str, Any], fn: Callable[[], object]) -> dict[str, Any]:
+    """``row`` with ``fn``'s timing, or the error that stopped it."""
+    try:
+        t = time_gpu(fn)
+        row.update(t, images_per_s=1e3 * row["batch"] / t["ms"], tflops=GFLOP[row["model"]] * row["batch"] / t["ms"])
+    except Exception as e:  # out of memory at a large batch, a provider failing at run time
+        row["error"] = f"{type(e).__name__}: {e}"[:200]
+        torch.cuda.empty_cache()
+    timing = f"{row['ms']:.2f} ms, {row['images_per_s']:.0f} img/s" if "ms" in row else row["error"]
+    print(f"  {row['model']} {row['engine']} b{row['batch']}: {timing}", flush=True)
+    return row
+
+
+def late(deadline: float, notes: list[str], what: str) -> bool:
+    """Whether the time budget is spent, noting ``what`` was skipped if so."""
+    spent = time.monotonic() > deadline
+    if spent:
+        notes.append(f"time budget spent: {what}")
+    return spent
+
+
 def torch_rows(
     models: dict[str, nn.Module], batches: tuple[int, ...], deadline: float, notes: list[str]
 ) -> list[dict[str, Any]]:
     rows = []
     for precision in ("fp32", "bf16"):
         for batch in batches:
-            if time.monotonic() > deadline:
-                notes.append(f"time budget spent: PyTorch {precision} stopped before batch {batch}")
+            if late(deadline, notes, f"PyTorch {precision} stopped before batch {batch}"):
                 break
-            x = torch.randint(0, 256, (batch, CROP, CROP, 3), dtype=torch.uint8, device="cuda")
+            x = torch.from_numpy(images(batch, CROP)).cuda()
             for name, model in models.items():
 
                 def run(model: nn.Module = model, x: Tensor = x, bf16: bool = precision == "bf16") -> Tensor:
                     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
                         return model(x)[0]
 
-                row: dict[str, Any] = {"engine": f"torch_{precision}", "model": name, "batch": batch}
-                try:
-                    t = time_gpu(run)
-                    row.update(t, images_per_s=1e3 * batch / t["ms"], tflops=GFLOP[name] * batch / t["ms"])
-                except torch.cuda.OutOfMemoryError:
-                    row["error"] = "out of memory"
-                    torch.cuda.empty_cache()
-                rows.append(row)
-            print(_line(rows[-2:]), flush=True)
+                rows.append(timed_row({"engine": f"torch_{precision}", "model": name, "batch": batch}, run))
     return rows
-
-
-def _line(rows: list[dict[str, Any]]) -> str:
-    def one(r: dict[str, Any]) -> str:
-        timing = f"{r['ms']:.2f} ms, {r['images_per_s']:.0f} img/s" if "ms" in r else r.get("error", "?")
-        return f"{r['model']} {r['engine']} b{r['batch']}: {timing}"
-
-    return "  " + " | ".join(one(r) for r in rows)
 
 
 # -- optional engines: onnxruntime (CUDA, TensorRT) and Triton --------------------------------------------
 
 
-def export_onnx(model: nn.Module, path: Path) -> Path:
-    """The exporter the project ships (``export/onnx_graph.py``), for both models."""
-    from export.onnx_graph import export_onnx as project_export
-
-    project_export(model.cpu(), path, CROP)
-    return path
-
-
-def ort_rows(
-    onnx_paths: dict[str, Path], batches: tuple[int, ...], deadline: float, notes: list[str], work: Path
-) -> list[dict[str, Any]]:
-    import onnxruntime as ort
-
+def gpu_providers(batches: tuple[int, ...], work: Path, notes: list[str]) -> dict[str, list[Any]]:
+    """onnxruntime's GPU provider chains present here (the CPU provider is added last), by engine name; what is
+    missing goes into ``notes``."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        notes.append("onnxruntime is not installed: onnxruntime CUDA / TensorRT skipped")
+        return {}
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels (PyTorch's), when not on the library path
     available = ort.get_available_providers()
-    providers: list[tuple[str, Any]] = []
+    chains: dict[str, list[Any]] = {}
     if "CUDAExecutionProvider" in available:
-        providers.append(("onnxruntime_cuda", [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]))
+        chains["onnxruntime_cuda"] = [("CUDAExecutionProvider", {"device_id": 0})]
     else:
         notes.append(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: {available}): skipped")
     if "TensorrtExecutionProvider" in available:
-        shapes = {
-            f"trt_profile_{k}_shapes": f"image:{n}x{CROP}x{CROP}x3"
-            for k, n in (("min", 1), ("opt", 32), ("max", max(batches)))
-        }
-        trt = {
-            "device_id": 0,
-            "trt_fp16_enable": True,
-            "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(work / "trt_cache"),
-            **shapes,
-        }
-        chain = [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
-        providers.append(("onnxruntime_tensorrt_fp16", chain))  # fmt: skip
+        trt = {"device_id": 0, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
+               "trt_engine_cache_path": str(work / "trt_cache")}  # fmt: skip
+        for key, n in (("min", 1), ("opt", 32), ("max", max(batches))):
+            trt[f"trt_profile_{key}_shapes"] = f"image:{n}x{CROP}x{CROP}x3"
+        chains["onnxruntime_tensorrt_fp16"] = [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider"]
     else:
         notes.append("onnxruntime has no TensorrtExecutionProvider (no TensorRT libraries): TensorRT FP16 skipped")
+    return chains
+
+
+def ort_rows(
+    onnx_paths: dict[str, Path],
+    chains: dict[str, list[Any]],
+    batches: tuple[int, ...],
+    deadline: float,
+    notes: list[str],
+) -> list[dict[str, Any]]:
+    import onnxruntime as ort
+
     rows = []
-    for engine, provider_list in providers:
+    for engine, chain in chains.items():
         for name, path in onnx_paths.items():
-            if time.monotonic() > deadline:
-                notes.append(f"time budget spent: {engine} {name} skipped")
+            if late(deadline, notes, f"{engine} {name} skipped"):
                 continue
             options = ort.SessionOptions()
             options.log_severity_level = 3
             started = time.monotonic()
             try:
-                sess = ort.InferenceSession(str(path), options, providers=provider_list)
+                sess = ort.InferenceSession(str(path), options, providers=[*chain, "CPUExecutionProvider"])
             except Exception as e:  # a provider that fails to load or build: note it, go on
                 notes.append(f"{engine} {name}: session failed: {type(e).__name__}: {e}")
                 continue
             build_s = time.monotonic() - started
-            wanted = provider_list[0][0] if isinstance(provider_list[0], tuple) else provider_list[0]
-            if sess.get_providers()[0] != wanted:  # onnxruntime fell back (e.g. no TensorRT libraries)
-                notes.append(f"{engine} {name}: {wanted} could not be used (fell back to {sess.get_providers()[0]})")
+            if sess.get_providers()[0] != chain[0][0]:  # onnxruntime fell back (e.g. no TensorRT libraries)
+                notes.append(
+                    f"{engine} {name}: {chain[0][0]} could not be used (fell back to {sess.get_providers()[0]})"
+                )
                 continue
             for batch in batches:
-                if time.monotonic() > deadline:
-                    notes.append(f"time budget spent: {engine} {name} stopped before batch {batch}")
+                if late(deadline, notes, f"{engine} {name} stopped before batch {batch}"):
                     break
-                x = np.random.default_rng(0).integers(0, 256, (batch, CROP, CROP, 3), dtype=np.uint8)
-                binding = sess.io_binding()
                 # Input already on the GPU and output left there: the model's time, as for PyTorch.
-                binding.bind_ortvalue_input("image", ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+                binding = sess.io_binding()
+                binding.bind_ortvalue_input("image", ort.OrtValue.ortvalue_from_numpy(images(batch, CROP), "cuda", 0))
                 binding.bind_output("probabilities", "cuda", 0)
-                row: dict[str, Any] = {"engine": engine, "model": name, "batch": batch, "session_seconds": build_s}
-                try:
-                    t = time_gpu(lambda sess=sess, binding=binding: sess.run_with_iobinding(binding))
-                    row.update(t, images_per_s=1e3 * batch / t["ms"], tflops=GFLOP[name] * batch / t["ms"])
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {e}"[:200]
-                rows.append(row)
-                print(_line([row]), flush=True)
+                row = {"engine": engine, "model": name, "batch": batch, "session_seconds": build_s}
+                rows.append(timed_row(row, lambda sess=sess, binding=binding: sess.run_with_iobinding(binding)))
     return rows
 
 
-def triton_available() -> str | None:
+def triton_missing(chains: dict[str, list[Any]]) -> str | None:
     """Why Triton cannot be measured here, or None when it can."""
     if shutil.which("tritonserver"):
         return None
     if importlib.util.find_spec("pytriton") is None:
         return "no tritonserver on PATH and no nvidia-pytriton wheel"
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return "the nvidia-pytriton server needs onnxruntime (with CUDA) for its ONNX stand-in"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if "onnxruntime_cuda" not in chains:
         return "the nvidia-pytriton server's ONNX stand-in would run onnxruntime without CUDA"
     return None
 
 
 def triton_rows(onnx_path: Path, deadline: float, notes: list[str], work: Path) -> list[dict[str, Any]]:
     """Closed-loop gRPC clients sending one uint8 image each, through Triton's dynamic batcher."""
-    from bench.common import Settings
-    from bench.load import brief
-    from bench.serving import load, make_repository, triton
+    from bench.load import Load, brief, triton
 
-    repo = make_repository(onnx_path, Settings(), work / "repository")
-    x = np.random.default_rng(0).integers(0, 256, (16, CROP, CROP, 3), dtype=np.uint8)
     rows = []
-    with triton(repo) as server:
+    with triton(onnx_path, Settings(), work / "repository") as server:
+        requests = Load(server, list(images(16, CROP)))
         for concurrency in (1, 8, 32):
-            if time.monotonic() > deadline:
-                notes.append(f"time budget spent: Triton stopped before concurrency {concurrency}")
+            if late(deadline, notes, f"Triton stopped before concurrency {concurrency}"):
                 break
-            result = brief(load(server, "grpc", "tensor", x, []).closed(concurrency, seconds=5.0, warmup=2.0))
+            result = brief(requests.closed(concurrency, seconds=5.0, warmup=2.0))
             rows.append({"engine": "triton_grpc_tensor", "model": "resnet50_3g", "concurrency": concurrency, **result})
             print(f"  Triton gRPC, concurrency {concurrency}: {result['images_per_s']:.0f} img/s", flush=True)
     return rows
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """3G img/s over ResNet-50 img/s per engine and batch, next to the FLOP ratio (0.6)."""
-    by = {(r["engine"], r["model"], r.get("batch")): r for r in rows if "images_per_s" in r}
-    engines = list(dict.fromkeys(r["engine"] for r in rows))  # in the order they ran: fp32, bf16, ...
-    out = []
-    for (engine, model, batch), r in sorted(by.items(), key=lambda kv: (engines.index(kv[0][0]), kv[0][2] or 0)):
-        other = by.get((engine, "resnet50", batch))
-        if model == "resnet50_3g" and other:
-            out.append(
-                {
-                    "engine": engine,
-                    "batch": batch,
-                    "resnet50_3g_images_per_s": r["images_per_s"],
-                    "resnet50_images_per_s": other["images_per_s"],
-                    "throughput_ratio": r["images_per_s"] / other["images_per_s"],
-                    "flop_ratio": FLOP_RATIO,
-                }
-            )
-    return out
+    """3G img/s over ResNet-50 img/s per engine and batch, in the order they ran, next to the FLOP ratio."""
+    by = {
+        (r["engine"], r["model"], r["batch"]): r["images_per_s"] for r in rows if "images_per_s" in r and "batch" in r
+    }
+    return [
+        {"engine": engine, "batch": batch, "resnet50_3g_images_per_s": ips,
+         "resnet50_images_per_s": by[engine, "resnet50", batch],
+         "throughput_ratio": ips / by[engine, "resnet50", batch], "flop_ratio": FLOP_RATIO}
+        for (engine, model, batch), ips in by.items()
+        if model == "resnet50_3g" and (engine, "resnet50", batch) in by
+    ]  # fmt: skip
 
 
 def markdown(info: dict[str, Any], table: list[dict[str, Any]], notes: list[str]) -> str:
@@ -306,7 +253,9 @@ def markdown(info: dict[str, Any], table: list[dict[str, Any]], notes: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu", help="folder for gpu.json / gpu.md")
+    p.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "gpu", help="folder for gpu.json / gpu.md"
+    )
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--budget", type=float, default=270.0, help="seconds; later measurements are skipped past it")
     p.add_argument("--skip-onnx", action="store_true", help="PyTorch only")
@@ -327,39 +276,33 @@ def main(argv: list[str] | None = None) -> int:
     ]
     models = {name: build(name).cuda().to(memory_format=torch.channels_last) for name in GFLOP}
     rows = torch_rows(models, batches, deadline, notes)
-
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         work = Path(tmp)
+        chains = {} if args.skip_onnx else gpu_providers(batches, work, notes)
         onnx_paths: dict[str, Path] = {}
         if args.skip_onnx:
             notes.append("--skip-onnx: onnxruntime and Triton skipped")
-        elif importlib.util.find_spec("onnxruntime") is None:
-            notes.append("onnxruntime is not installed: onnxruntime CUDA / TensorRT skipped")
-        else:
-            import onnxruntime as ort
+        elif chains:
+            from export.onnx_graph import export_onnx
 
-            if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()):
-                try:
-                    onnx_paths = {name: export_onnx(m, work / f"{name}.onnx") for name, m in models.items()}
-                except Exception as e:  # onnx/onnxscript missing or an exporter problem: say so
-                    notes.append(f"ONNX export failed ({type(e).__name__}: {e}): onnxruntime skipped")
-            rows += ort_rows(onnx_paths, batches, deadline, notes, work) if onnx_paths else []
-            if not onnx_paths and not any("onnxruntime" in n for n in notes):
-                notes.append(
-                    f"onnxruntime {ort.__version__} has neither CUDA nor TensorRT providers "
-                    f"({ort.get_available_providers()}): skipped"
-                )
-        why_not = triton_available()
+            try:  # the exporter the project ships, for both models
+                for name, model in models.items():
+                    export_onnx(model.cpu(), work / f"{name}.onnx", CROP)
+                    onnx_paths[name] = work / f"{name}.onnx"
+            except Exception as e:  # onnx/onnxscript missing or an exporter problem: say so
+                notes.append(f"ONNX export failed ({type(e).__name__}: {e}): onnxruntime skipped")
+                onnx_paths = {}
+        rows += ort_rows(onnx_paths, chains, batches, deadline, notes)
+        why_not = triton_missing(chains)
+        if why_not is None and "resnet50_3g" not in onnx_paths:
+            why_not = "no ONNX export of ResNet50-3G in this run"
         if why_not:
             notes.append(f"Triton skipped: {why_not}")
-        elif "resnet50_3g" not in onnx_paths:
-            notes.append("Triton skipped: no ONNX export of ResNet50-3G in this run")
         else:
             try:
                 rows += triton_rows(onnx_paths["resnet50_3g"], deadline, notes, work)
             except Exception as e:
                 notes.append(f"Triton failed: {type(e).__name__}: {e}")
-
     table = ratios(rows)
     info["seconds"] = round(time.monotonic() - started, 1)
     result = {"machine": info, "flop_ratio": FLOP_RATIO, "gflop_per_image": GFLOP, "ratios": table, "rows": rows}

@@ -1,16 +1,6 @@
-"""The one load generator: closed loop at a concurrency or open loop at a Poisson rate, against any
-model on a Triton server, with any payload, over gRPC or HTTP (open loop: gRPC).
-
-Every run returns the same record: what was sent, answered, refused by admission control (counted
-apart from other failures: a refusal is the server protecting itself, not a fault), latency
-percentiles of the answers, throughput, the CPU the client (and, given its pid, the server) used,
-and the server's own view over the measured window from Triton's statistics API (requests, time
-queued vs computing per request, the batch sizes it ran). Windows of one configuration can be
-pooled with :func:`combine`.
-
-Statistics are a control-plane call: pass the operators' key as ``headers`` (see
-:func:`control_headers`); inference calls never carry it.
-"""
+"""The one load generator of the served parts: closed loop at a concurrency or open loop at a Poisson rate,
+one image per request, gRPC or HTTP, against a Triton server on the repository the export writes; each run
+returns answers, refusals, latency percentiles, CPU and Triton's own statistics (/v2/models/stats)."""
 
 from __future__ import annotations
 
@@ -20,51 +10,64 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import percentile
+from bench.common import Settings, log, stage
 from client.inference import OVERLOAD_MESSAGES
 
+MODEL = "threegnet"  # the ONNX model; "threegnet_image" is the ensemble that decodes files first
 PERCENTILES = {"p50_ms": 50, "p90_ms": 90, "p99_ms": 99, "p999_ms": 99.9}
 
 
-def control_headers(server: Any, protocol: str = "grpc") -> dict[str, str] | None:
-    """The key a server's statistics ask for, if it has one (HTTP headers or gRPC metadata)."""
-    return getattr(server, "grpc_control_headers" if protocol == "grpc" else "control_headers", None)
+def triton(onnx_path: Path, settings: Settings, repo: Path, overrides: dict[str, Any] | None = None) -> Any:
+    """A Triton server (a context manager) on the repository ``export/to_onnx.py`` writes, ``overrides``
+    changing :class:`~export.triton_config.ModelSpec`'s serving fields or ``queue_delay_us`` (the batcher's)."""
+    from export.repository import write_repository
+    from export.triton_config import ModelSpec, parse_pbtxt, to_pbtxt
+    from serve.server import TritonServer
+    from threegnet_preprocessing import Preprocessing
+
+    overrides = dict(overrides or {})
+    delay_us = overrides.pop("queue_delay_us", None)
+    pp = Preprocessing(resize=settings.resize, crop=settings.crop)
+    spec = ModelSpec(
+        name=MODEL,
+        num_classes=settings.num_classes,
+        crop=settings.crop,
+        weight_map_shape=(settings.crop // 16, settings.crop // 16),
+        parameters={"arch": settings.arch, "num_classes": settings.num_classes, "preprocessing": pp.to_dict()},
+        **overrides,
+    )
+    write_repository(repo, spec, onnx_path, [f"class_{i}" for i in range(settings.num_classes)], pp.to_dict(), 1)
+    if delay_us is not None:
+        config = repo / MODEL / "config.pbtxt"
+        parsed = parse_pbtxt(config.read_text())
+        parsed.dynamic_batching.max_queue_delay_microseconds = int(delay_us)
+        config.write_text(to_pbtxt(parsed))
+    return TritonServer.on_free_ports(repo, exit_timeout=3, poll_secs=0)  # the repository does not change
 
 
 class Load:
-    """One-image requests to ``model`` at ``url``, cycling through ``items``: uint8 arrays (each sent as a
-    batch of one, input ``image``) or encoded files (input ``image_bytes``).
+    """One-image requests to ``server``, cycling through ``items``: uint8 arrays to ``threegnet``, encoded files
+    to the ensemble ``threegnet_image``; statistics are the ONNX model's either way. A request gives up after
+    ``timeout`` seconds (counted as failed), so a run that meets a hung server still ends."""
 
-    ``stats_model`` is whose statistics to report (default ``model``; for an ensemble, the model inside
-    whose batching matters). Every request gives up after ``timeout`` seconds, so a run that meets a hung
-    server still ends, with the request counted as failed."""
-
-    def __init__(
-        self,
-        url: str,
-        model: str,
-        items: Sequence[np.ndarray] | Sequence[bytes],
-        protocol: str = "grpc",
-        outputs: Sequence[str] = ("probabilities",),
-        headers: dict[str, str] | None = None,
-        stats_model: str | None = None,
-        input_name: str | None = None,
-        timeout: float = 30.0,
-    ) -> None:
+    def __init__(self, server: Any, items: Sequence[Any], protocol: str = "grpc", timeout: float = 30.0) -> None:
         import tritonclient.grpc as grpcclient
         import tritonclient.http as httpclient
 
-        self.url, self.model, self.items, self.protocol = url, model, items, protocol
-        self.module = grpcclient if protocol == "grpc" else httpclient
-        self.output_names, self.headers, self.stats_model = tuple(outputs), headers, stats_model or model
+        self.items, self.protocol, self.timeout = items, protocol, timeout
         self.encoded = isinstance(items[0], bytes)
-        self.input_name = input_name or ("image_bytes" if self.encoded else "image")
-        self.timeout = timeout
+        self.model = f"{MODEL}_image" if self.encoded else MODEL
+        self.server_pid = server.process.pid  # also the process group of its backend stubs
+        if protocol == "grpc":
+            self.module, self.url, self.headers = grpcclient, server.grpc_url, server.grpc_control_headers
+        else:
+            self.module, self.url, self.headers = httpclient, server.http_url, server.control_headers
 
     def client(self) -> Any:
         if self.protocol == "grpc":
@@ -72,29 +75,26 @@ class Load:
         return self.module.InferenceServerClient(self.url, network_timeout=self.timeout)
 
     def inputs(self, i: int) -> list[Any]:
-        from tritonclient.utils import np_to_triton_dtype
-
         item = self.items[i % len(self.items)]
-        x = np.array([item], dtype=object).reshape(1, 1) if self.encoded else np.asarray(item)[None]
-        inp = self.module.InferInput(
-            self.input_name, list(x.shape), "BYTES" if self.encoded else np_to_triton_dtype(x.dtype)
-        )
-        inp.set_data_from_numpy(x)
+        if self.encoded:
+            inp = self.module.InferInput("image_bytes", [1, 1], "BYTES")
+            inp.set_data_from_numpy(np.array([item], dtype=object).reshape(1, 1))
+        else:
+            inp = self.module.InferInput("image", [1, *np.shape(item)], "UINT8")
+            inp.set_data_from_numpy(np.asarray(item, dtype=np.uint8)[None])
         return [inp]
 
     def outputs(self) -> list[Any]:
-        return [self.module.InferRequestedOutput(name) for name in self.output_names]
+        return [self.module.InferRequestedOutput("probabilities")]
 
     def send(self, client: Any, i: int) -> Any:
         deadline = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}  # HTTP: network_timeout
         return client.infer(self.model, self.inputs(i), outputs=self.outputs(), **deadline)
 
     def counters(self, client: Any) -> Counter:
-        """Triton's cumulative statistics for ``stats_model``, as flat counters (all versions summed)."""
-        if self.protocol == "grpc":
-            stats = client.get_inference_statistics(self.stats_model, headers=self.headers, as_json=True)
-        else:
-            stats = client.get_inference_statistics(self.stats_model, headers=self.headers)
+        """Triton's cumulative statistics for the ONNX model, as flat counters (all versions summed)."""
+        json_flag = {"as_json": True} if self.protocol == "grpc" else {}
+        stats = client.get_inference_statistics(MODEL, headers=self.headers, **json_flag)
         out: Counter = Counter()
         for m in stats.get("model_stats", []):
             s = m.get("inference_stats", {})
@@ -102,23 +102,29 @@ class Load:
             out["inferences"] += int(m.get("inference_count", 0))
             out["executions"] += int(m.get("execution_count", 0))
             out["queue_ns"] += int(s.get("queue", {}).get("ns", 0))
-            out["compute_ns"] += sum(
-                int(s.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output")
-            )
+            for stage_name in ("compute_input", "compute_infer", "compute_output"):
+                out["compute_ns"] += int(s.get(stage_name, {}).get("ns", 0))
             for b in m.get("batch_stats", []):
                 out[f"batch_{b['batch_size']}"] += int(b.get("compute_infer", {}).get("count", 0))
         return out
 
-    def closed(
-        self, concurrency: int, seconds: float, warmup: float = 1.0, server_pid: int | None = None, check: bool = True
-    ) -> dict[str, Any]:
-        """``concurrency`` threads, each with its own connection, sending back to back; the answers that
-        end inside the ``seconds`` after ``warmup`` are measured. ``check``: raise if any request failed."""
-        clients = [self.client() for _ in range(concurrency)]
-        outcomes: list[list[tuple[float, str | None]]] = [[] for _ in range(concurrency)]
-        start = time.perf_counter() + 0.05
-        t0, t1 = start + warmup, start + warmup + seconds
-        meter = _Meter(self, self.client(), server_pid)  # a connection of its own: HTTP clients are not shared
+    def reading(self, client: Any) -> tuple[float, float, Counter | None]:
+        """Client and server CPU seconds so far, and Triton's counters (None where statistics are refused)."""
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        try:
+            stats = self.counters(client)
+        except Exception:  # the load's own figures still stand
+            stats = None
+        return own.ru_utime + own.ru_stime, server_cpu_s(self.server_pid), stats
+
+    def closed(self, concurrency: int, seconds: float, warmup: float = 1.0, check: bool = True) -> dict[str, Any]:
+        """``concurrency`` connections sending back to back; the answers that end in the ``seconds`` after
+        ``warmup`` are measured. ``check``: raise if any request failed."""
+        clients = [self.client() for _ in range(concurrency + 1)]  # the last reads statistics: HTTP's aren't shared
+        outcomes: list[tuple[float, str | None]] = []
+        marks: list[tuple[float, float, Counter | None]] = []
+        t0 = time.perf_counter() + 0.05 + warmup
+        t1 = t0 + seconds
 
         def loop(k: int) -> None:
             i = k
@@ -130,27 +136,29 @@ class Load:
                     error = getattr(e, "message", lambda e=e: str(e))() or type(e).__name__
                 end = time.perf_counter()
                 if t0 <= end <= t1:
-                    outcomes[k].append((end - begin, error))
+                    outcomes.append((end - begin, error))
                 i += concurrency
 
-        threads = [threading.Thread(target=loop, args=(k,)) for k in range(concurrency)]
-        threads.append(threading.Thread(target=meter.window, args=(t0, t1)))
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for c in (*clients, meter.client):
+        def meter() -> None:
+            for at in (t0, t1):
+                time.sleep(max(0.0, at - time.perf_counter()))
+                marks.append(self.reading(clients[-1]))
+
+        with ThreadPoolExecutor(concurrency + 1) as pool:
+            window = pool.submit(meter)
+            list(pool.map(loop, range(concurrency)))
+            window.result()
+        for c in clients:
             c.close()
-        result = summarize([o for per in outcomes for o in per], seconds, **meter.readings)
+        result = summarize(outcomes, seconds, *_window(*marks))
         if check and (result["refused"] or result["failed"]):
-            raise RuntimeError(
-                f"{result['refused'] + result['failed']} failed requests, first: {result['failures'][0]}"
-            )
+            failed = result["refused"] + result["failed"]
+            raise RuntimeError(f"{failed} failed requests, first: {result['failures'][0]}")
         return result
 
-    def open(self, rate: float, seconds: float, seed: int = 0, server_pid: int | None = None) -> dict[str, Any]:
-        """Requests at Poisson times (mean ``rate``/s) for ``seconds``, whatever the server does; then wait for
-        every answer (bounded: the timeout and 10 s). gRPC only."""
+    def open(self, rate: float, seconds: float, seed: int = 0) -> dict[str, Any]:
+        """Requests at Poisson times (mean ``rate``/s) for ``seconds`` whatever the server does, then every answer
+        awaited (at most the timeout and 10 s). gRPC: it needs the asynchronous client."""
         if self.protocol != "grpc":
             raise ValueError("the open loop sends through gRPC's asynchronous client")
         client = self.client()
@@ -159,8 +167,7 @@ class Load:
         outcomes: list[tuple[float, str | None]] = []
         lock, pending = threading.Lock(), threading.Semaphore(0)
         inputs, outputs = self.inputs(0), self.outputs()
-        meter = _Meter(self, client, server_pid)
-        meter.read("before")
+        before = self.reading(client)
         start = time.perf_counter()
         for at in arrivals:
             time.sleep(max(0.0, start + at - time.perf_counter()))
@@ -175,43 +182,32 @@ class Load:
         for _ in arrivals:
             if not pending.acquire(timeout=max(0.0, deadline - time.perf_counter())):
                 break  # an answer that never came is counted as a failure below
-        meter.read("after")
+        after = self.reading(client)
         client.close()
         with lock:
             outcomes += [(float("nan"), "no answer")] * (len(arrivals) - len(outcomes))
-        return {"offered_per_s": len(arrivals) / seconds, **summarize(outcomes, seconds, **meter.readings)}
+        return {"offered_per_s": len(arrivals) / seconds, **summarize(outcomes, seconds, *_window(before, after))}
 
 
-class _Meter:
-    """Client and server CPU time and Triton's counters at the edges of a measured window."""
+def capacity(load: Load, quick: bool) -> float:
+    """Answers per second to a closed loop at concurrency 4, what open loops are scaled to; a refusal here
+    (the machine starved by other work) lowers it but does not end the run."""
+    with stage("capacity: closed loop, concurrency 4"):
+        rate = load.closed(4, seconds=2.0 if quick else 15.0, check=False)["images_per_s"]
+    log(f"   capacity {rate:.1f} requests/s")
+    return rate
 
-    def __init__(self, load: Load, client: Any, server_pid: int | None) -> None:
-        self.load, self.client, self.server_pid = load, client, server_pid
-        self.marks: dict[str, tuple[float, float, Counter | None]] = {}
 
-    def read(self, mark: str) -> None:
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        server = server_cpu_s(self.server_pid) if self.server_pid else 0.0
-        try:
-            stats = self.load.counters(self.client)
-        except Exception:  # statistics refused (no key) or unsupported: the load's own figures still stand
-            stats = None
-        self.marks[mark] = (own.ru_utime + own.ru_stime, server, stats)
+def _window(
+    before: tuple[float, float, Counter | None], after: tuple[float, float, Counter | None]
+) -> tuple[float, float, dict[str, int] | None]:
+    """Client CPU, server CPU and Triton's counters over a window, from readings at its edges."""
+    counts = dict(after[2] - before[2]) if before[2] is not None and after[2] is not None else None
+    return after[0] - before[0], after[1] - before[1], counts
 
-    def window(self, t0: float, t1: float) -> None:
-        for mark, at in (("before", t0), ("after", t1)):
-            time.sleep(max(0.0, at - time.perf_counter()))
-            self.read(mark)
 
-    @property
-    def readings(self) -> dict[str, Any]:
-        (c0, s0, n0), (c1, s1, n1) = self.marks["before"], self.marks["after"]
-        out: dict[str, Any] = {"client_cpu_s": c1 - c0}
-        if self.server_pid:
-            out["server_cpu_s"] = s1 - s0
-        if n0 is not None and n1 is not None:
-            out["server_counts"] = dict(n1 - n0)
-        return out
+def _ms(values: Sequence[float], q: float) -> float | None:
+    return 1e3 * float(np.percentile(values, q)) if len(values) else None
 
 
 def summarize(
@@ -221,23 +217,21 @@ def summarize(
     server_cpu_s: float | None = None,
     server_counts: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The record every run returns, from (latency, error or None) per request in the window."""
+    """The record of a run, from (latency, error or None) per request; a refusal (admission control) is the
+    server protecting itself, not a fault, so it is counted apart."""
     answered = [latency for latency, error in outcomes if error is None]
-    refused = [
-        latency for latency, error in outcomes if error is not None and any(m in error for m in OVERLOAD_MESSAGES)
-    ]
-    failures = [error for _, error in outcomes if error is not None and not any(m in error for m in OVERLOAD_MESSAGES)]
+    errors = [(latency, error) for latency, error in outcomes if error is not None]
+    refused = [latency for latency, error in errors if any(m in error for m in OVERLOAD_MESSAGES)]
     out: dict[str, Any] = {
         "sent": len(outcomes),
         "answered": len(answered),
         "refused": len(refused),
-        "failed": len(failures),
-        "failures": [e for _, e in outcomes if e][:3],  # the first few messages, refusals included
+        "failed": len(errors) - len(refused),
+        "failures": [error for _, error in errors][:3],  # the first few messages, refusals included
         "seconds": seconds,
         "requests": len(answered),  # answered in the window, the figure throughput is made of
         "images_per_s": len(answered) / seconds,
-        **{k: 1e3 * percentile(answered, q) if answered else None for k, q in PERCENTILES.items()},
-        "refusal_p99_ms": 1e3 * percentile(refused, 99) if refused else None,
+        **{key: _ms(answered, q) for key, q in PERCENTILES.items()},
         "refusal_max_ms": 1e3 * max(refused) if refused else None,
         "client_cpu_s": client_cpu_s,
         "outcomes": list(outcomes),
@@ -259,9 +253,7 @@ def server_view(counts: dict[str, int]) -> dict[str, Any]:
         "mean_batch": counts.get("inferences", 0) / executions if executions else float("nan"),
         "queue_ms_per_request": counts.get("queue_ns", 0) / 1e6 / requests if requests else None,
         "compute_ms_per_request": counts.get("compute_ns", 0) / 1e6 / requests if requests else None,
-        "batch_sizes": {
-            int(k[6:]): v for k, v in sorted(counts.items(), key=lambda kv: kv[0]) if k.startswith("batch_") and v
-        },
+        "batch_sizes": {int(k[6:]): v for k, v in sorted(counts.items()) if k.startswith("batch_") and v},
     }
 
 
@@ -287,32 +279,22 @@ def brief(result: dict[str, Any]) -> dict[str, Any]:
 # -- the server's processes (Triton and its python backend stubs share a process group) -------------
 
 
-def server_processes(pid: int) -> Iterator[tuple[Path, list[str]]]:
-    """Every live process in the server's process group: its /proc folder and its stat fields after the name."""
+def server_processes(pid: int) -> Iterator[list[str]]:
+    """The /proc stat fields (after the name) of every live process in the server's process group."""
     for folder in Path("/proc").iterdir():
-        if not folder.name.isdigit():
-            continue
         try:
-            fields = (folder / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = (folder / "stat").read_text().rsplit(")", 1)[1].split() if folder.name.isdigit() else []
         except OSError:
             continue  # gone meanwhile
-        if len(fields) > 12 and int(fields[2]) == pid:  # process group id
-            yield folder, fields
+        if len(fields) > 21 and int(fields[2]) == pid:  # process group id
+            yield fields
 
 
 def server_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) the server and its stubs have used so far."""
-    return sum(int(f[11]) + int(f[12]) for _, f in server_processes(pid)) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f[11]) + int(f[12]) for f in server_processes(pid)) / os.sysconf("SC_CLK_TCK")
 
 
 def server_rss_mb(pid: int) -> float:
     """Resident memory of the server and its stubs."""
-    total = 0
-    for folder, _ in server_processes(pid):
-        try:
-            total += sum(
-                int(ln.split()[1]) for ln in (folder / "status").read_text().splitlines() if ln.startswith("VmRSS:")
-            )
-        except OSError:
-            continue  # gone meanwhile
-    return total / 1024
+    return sum(int(f[21]) for f in server_processes(pid)) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -1,13 +1,6 @@
-"""Model speed on the CPU: PyTorch eager vs the exported ONNX in onnxruntime, against the machine's peak.
-
-For each batch size, three things are timed in alternating rounds: a large fp32
-matrix multiply (the machine's practical fp32 peak, through onnxruntime's MLAS and
-torch.mm), the project's model in PyTorch eager, and the exported ONNX model in
-onnxruntime. The model's achieved GFLOP/s (``GFLOP_PER_IMAGE`` at 224x224, torch's FLOP counter
-elsewhere) is reported as a fraction of the peak measured in those same rounds.
-
-    .venv/bin/python bench/model_speed.py [--quick]
-"""
+"""Model speed on the CPU: PyTorch eager vs the exported ONNX in onnxruntime, per batch size, in alternating
+rounds with a large fp32 matrix multiply (MLAS and torch.mm) whose speed is the machine's practical peak: the
+model's GFLOP/s is reported as a fraction of it (docs/performance.md section 1)."""
 
 from __future__ import annotations
 
@@ -29,6 +22,7 @@ from bench.common import (
     log,
     md_table,
     onnx_engine,
+    ort_session,
     run_part,
     stage,
 )
@@ -49,34 +43,23 @@ def matmul_model(n: int) -> bytes:
     """A one-node ONNX graph: an ``n x n`` by ``n x n`` fp32 MatMul (MLAS sgemm)."""
     from onnx import TensorProto, helper
 
-    def value(name: str) -> Any:
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n])
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "B"], ["C"])], "sgemm", [value("A"), value("B")], [value("C")]
-    )
+    a, b, c = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC")
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "sgemm", [a, b], [c])
     # IR version 9: what onnxruntime 1.31 reads (onnx 1.23 would write 14 by default).
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString()
 
 
 def sgemm_onnx_engine(n: int) -> Callable[[Any], object]:
     """An ``n x n`` fp32 matrix multiply through onnxruntime (MLAS), all threads."""
-    import onnxruntime as ort
-
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(matmul_model(n), options, providers=["CPUExecutionProvider"])
+    sess = ort_session(matmul_model(n))
     return lambda _: sess.run(None, {"A": a, "B": b})
 
 
 def sgemm_torch_engine(n: int) -> Callable[[Any], object]:
-    """The same multiply through torch.mm (MKL), all threads.
-
-    Both libraries are measured because either may be the faster: on AMD CPUs MKL tends
-    to take its AVX2 path while MLAS uses AVX-512. The peak is the better of the two.
-    """
+    """The same multiply through torch.mm (MKL), all threads: on AMD CPUs MKL tends to take its AVX2 path
+    while MLAS uses AVX-512, so the peak is the better of the two."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)

@@ -1,14 +1,6 @@
-"""Overload: open-loop Poisson arrivals from 0.5x to 3x the served capacity, with and without
-the admission control that ``export/to_onnx.py`` writes into ``config.pbtxt``.
-
-Capacity is measured first (closed loop, gRPC, uint8 tensors, concurrency 4, the shipped settings).
-Then one server per variant (the shipped queue policy; none: Triton's unbounded queue) takes every
-load level in turn, arrivals independent of the answers, as real users are. Goodput counts the
-answers within the SLO; refusals are counted apart from other failures; the server must stay ready
-and its memory (all its processes) is read before and after.
-
-    .venv/bin/python bench/overload.py [--quick]
-"""
+"""Overload: open-loop Poisson arrivals from 0.5x to 3x the served capacity, with and without the admission
+control the export writes into ``config.pbtxt``: goodput within the SLO, refusals, readiness and memory
+(docs/performance.md section 5)."""
 
 from __future__ import annotations
 
@@ -16,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Settings, entry, fp32_onnx, images, log, md_table, num, run_part, stage
-from bench.load import brief, server_rss_mb
-from bench.serving import load, make_repository, triton
+from bench.load import Load, brief, capacity, server_rss_mb, triton
 
 LEVELS = (0.5, 1.0, 1.5, 2.0, 3.0)
 QUICK_LEVELS = (0.5, 2.0)
-CLIENT_TIMEOUT_S = 30.0
 SLO_S = 2.0  # a later answer counts as answered, not as goodput (the p99 target in docs/performance.md)
 VARIANTS = {"queue policy (shipped)": {}, "no queue policy": {"queue_timeout_ms": 0, "max_queue_size": 0}}
 
@@ -29,34 +19,29 @@ VARIANTS = {"queue policy (shipped)": {}, "no queue policy": {"queue_timeout_ms"
 def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> tuple[dict[str, Any], str]:
     onnx_path = fp32_onnx(settings, work, onnx_path)
     seconds = 3.0 if settings.quick else 30.0
-    tensors = images(64, settings.crop, seed=5)
+    tensors = list(images(64, settings.crop, seed=5))
     rows: list[dict[str, Any]] = []
-    capacity = None
-    for variant, overrides in VARIANTS.items():
-        repo = make_repository(onnx_path, settings, work / f"overload-{len(rows)}", overrides)
-        with triton(repo) as server:
-            requests = load(server, "grpc", "tensor", tensors, [], timeout=CLIENT_TIMEOUT_S)
-            if capacity is None:
-                with stage("capacity: closed loop, concurrency 4"):
-                    capacity = requests.closed(4, seconds=2.0 if settings.quick else 15.0)["images_per_s"]
-                log(f"   capacity {capacity:.1f} requests/s")
+    rate = 0.0
+    for i, (variant, overrides) in enumerate(VARIANTS.items()):
+        with triton(onnx_path, settings, work / f"overload-{i}", overrides) as server:
+            requests = Load(server, tensors)
+            rate = rate or capacity(requests, settings.quick)  # measured once, with the shipped settings
             for level in QUICK_LEVELS if settings.quick else LEVELS:
-                with stage(f"{variant}: {level}x capacity ({level * capacity:.1f} req/s) for {seconds:.0f} s"):
+                with stage(f"{variant}: {level}x capacity ({level * rate:.1f} req/s) for {seconds:.0f} s"):
                     rss_before = server_rss_mb(server.process.pid)
-                    row = requests.open(level * capacity, seconds, seed=int(10 * level))
-                    answered = [lat for lat, error in row["outcomes"] if error is None]
+                    row = requests.open(level * rate, seconds, seed=int(10 * level))
+                    goodput = sum(lat <= SLO_S for lat, error in row["outcomes"] if error is None) / seconds
                     row = brief(row) | {
                         "variant": variant,
                         "level": level,
-                        "goodput_per_s": sum(lat <= SLO_S for lat in answered) / seconds,
+                        "goodput_per_s": goodput,
+                        "goodput_of_capacity": goodput / rate,
                         "ready_after": server.is_ready(),
                         "rss_mb_before": rss_before,
                         "rss_mb_after": server_rss_mb(server.process.pid),
                     }
-                    row["goodput_of_capacity"] = row["goodput_per_s"] / capacity
                 rows.append(row)
-                log(f"   goodput {row['goodput_per_s']:.1f}/s, refused {row['refused']}, p99 {row['p99_ms'] or 0:.0f}")
-
+                log(f"   goodput {goodput:.1f}/s, refused {row['refused']}, p99 {num(row['p99_ms'])} ms")
     table = [
         [r["variant"], f"{r['level']}x", f"{r['offered_per_s']:.1f}",
          f"{r['goodput_per_s']:.1f} ({100 * r['goodput_of_capacity']:.0f}%)", f"{r['images_per_s']:.1f}",
@@ -67,7 +52,7 @@ def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> tuple[
     markdown = (
         f"### Overload: open-loop Poisson arrivals, {seconds:.0f} s per level ({settings.arch}, "
         f"{settings.crop}x{settings.crop}, gRPC uint8 tensors)\n\n"
-        f"Capacity (closed loop, concurrency 4): {capacity:.1f} requests/s. Client timeout {CLIENT_TIMEOUT_S:.0f} s "
+        f"Capacity (closed loop, concurrency 4): {rate:.1f} requests/s. Client timeout {requests.timeout:.0f} s "
         "(a request the server had not answered by then counts under 'other failures').\n\n"
         + md_table(
             f"variant | load | offered req/s | goodput: answers <= {SLO_S:.0f} s per s (of capacity) | "
@@ -76,8 +61,9 @@ def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> tuple[
             table,
         )
     )
-    at2 = next((r for r in rows if r["variant"] == next(iter(VARIANTS)) and r["level"] == 2.0), None)
-    return {"capacity_per_s": capacity, "seconds_per_level": seconds, "rows": rows, "policy_at_2x": at2}, markdown
+    shipped = next(iter(VARIANTS))
+    at2 = next((r for r in rows if r["variant"] == shipped and r["level"] == 2.0), None)
+    return {"capacity_per_s": rate, "seconds_per_level": seconds, "rows": rows, "policy_at_2x": at2}, markdown
 
 
 def main() -> int:

@@ -1,29 +1,19 @@
-"""Realistic payloads: what cameras and screenshots make, sent as bytes, against the tensor path.
-
-One Triton server (the shipped settings, ``--instances`` aside), gRPC, closed loop at concurrency 4.
-Each payload (a 12 MP phone JPEG, the same photo as HEIC, a 3 MP PNG, a 256 px JPEG) goes as bytes to
-the ensemble ``threegnet_image`` (decode, resize and crop in the server), in windows alternating with
-the raw-tensor model ``threegnet`` fed the same photos preprocessed on the client, so both see the
-same machine. ``--instances N ...`` repeats it per preprocessing instance count: the measurement
-behind ``PREPROCESS_INSTANCES`` in ``export/triton_config.py``.
-
-    .venv/bin/python bench/payloads.py [--quick] [--instances 1 2 4]
-"""
+"""Realistic payloads: camera and screenshot files sent as bytes to the ensemble that decodes them, in
+windows alternating with the tensor path fed the same photos preprocessed on the client; ``--instances``
+compares preprocessing instance counts (docs/performance.md section 7)."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.common import Settings, entry, fp32_onnx, log, md_table, num, run_part, stage
-from bench.load import brief, combine
-from bench.serving import load, make_repository, triton
+from bench.load import Load, brief, combine, triton
 
 CONCURRENCY = 4
 PHOTOS = 4  # distinct files per payload kind (the client cycles through them)
@@ -81,37 +71,35 @@ def payloads(settings: Settings) -> dict[str, list[bytes]]:
     return out
 
 
-def window_seconds(settings: Settings) -> tuple[float, float]:
-    """Measured seconds per payload row (split into WINDOWS windows per path) and warm-up per window; the quick
-    run's windows outlast a 12 MP HEIC decode on a busy machine, or that row would count no answer at all."""
-    return (4.5, 1.5) if settings.quick else (8.0, 1.5)
+def cpu_ms(row: dict[str, Any], path: str) -> float:
+    """Server + client CPU milliseconds one image costs on ``path`` ("tensor" or "bytes")."""
+    return row[f"{path}_server_cpu_ms"] + row[f"{path}_client_cpu_ms"]
+
+
+def cores_busy(row: dict[str, Any], path: str) -> float:
+    """How many cores ``path`` kept busy on average (server and client together)."""
+    return cpu_ms(row, path) * row[f"{path}_images_per_s"] / 1e3
 
 
 def measure(
-    settings: Settings, work: Path, onnx_path: Path, files: dict[str, list[bytes]], instances: int
+    settings: Settings, work: Path, onnx_path: Path, files: dict[str, list[bytes]], instances: int, seconds: float
 ) -> list[dict[str, Any]]:
     from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
     pp = Preprocessing(resize=settings.resize, crop=settings.crop)
-    tensors = np.stack([load_and_preprocess(data, pp) for data in files["12 MP JPEG"]])
+    tensors = [load_and_preprocess(data, pp) for data in files["12 MP JPEG"]]
     # No queue timeout: a 12 MP HEIC takes about half a second to decode, and this measures throughput,
     # not admission control (with the shipped timeout, one preprocessing instance refused some HEIC requests).
     overrides = {"preprocess_instances": instances, "queue_timeout_ms": 0}
-    repo = make_repository(onnx_path, settings, work / f"payloads-{instances}", overrides)
-    seconds, warmup = window_seconds(settings)
     rows = []
-    with triton(repo) as server:
-        pid = server.process.pid
+    with triton(onnx_path, settings, work / f"payloads-{instances}", overrides) as server:
         for kind, blobs in files.items():
-            paths = {
-                "tensor": load(server, "grpc", "tensor", tensors, []),
-                "bytes": load(server, "grpc", "bytes", [], blobs),
-            }
+            paths = {"tensor": Load(server, tensors), "bytes": Load(server, blobs)}
             windows: dict[str, list[dict[str, Any]]] = {"tensor": [], "bytes": []}
             with stage(f"{instances} preprocessing instance(s): {kind} bytes vs tensors, concurrency {CONCURRENCY}"):
                 for _ in range(WINDOWS):
                     for path, requests in paths.items():
-                        windows[path].append(requests.closed(CONCURRENCY, seconds / WINDOWS, warmup, pid))
+                        windows[path].append(requests.closed(CONCURRENCY, seconds / WINDOWS, warmup=1.5))
             row: dict[str, Any] = {
                 "preprocess_instances": instances,
                 "payload": kind,
@@ -126,27 +114,13 @@ def measure(
             row["p50_ms"] = row["bytes"]["p50_ms"]
             row["bytes_vs_tensor"] = row["bytes_images_per_s"] / row["tensor_images_per_s"]
             row["cpu_ratio"] = cpu_ms(row, "tensor") / cpu_ms(row, "bytes")
-            log(
-                f"   {row['bytes_images_per_s']:.2f} img/s vs tensors {row['tensor_images_per_s']:.2f}: "
-                f"{row['bytes_vs_tensor']:.2f}x; CPU per image {cpu_ms(row, 'bytes'):.0f} vs "
-                f"{cpu_ms(row, 'tensor'):.0f} ms (ratio {row['cpu_ratio']:.2f})"
-            )
+            log(f"   {row['bytes_vs_tensor']:.2f}x the tensor path's img/s; CPU ratio {row['cpu_ratio']:.2f}")
             rows.append(row)
     return rows
 
 
-def cpu_ms(row: dict[str, Any], path: str) -> float:
-    """Server + client CPU milliseconds one image costs on ``path`` ("tensor" or "bytes")."""
-    return row[f"{path}_server_cpu_ms"] + row[f"{path}_client_cpu_ms"]
-
-
-def cores_busy(row: dict[str, Any], path: str) -> float:
-    """How many cores ``path`` kept busy on average (server and client together)."""
-    return cpu_ms(row, path) * row[f"{path}_images_per_s"] / 1e3
-
-
 def run(
-    settings: Settings, work: Path, onnx_path: Path | None = None, instances: tuple[int, ...] | None = None
+    settings: Settings, work: Path, onnx_path: Path | None = None, instances: Sequence[int] | None = None
 ) -> tuple[dict[str, Any], str]:
     from export.triton_config import PREPROCESS_INSTANCES
 
@@ -154,7 +128,9 @@ def run(
     with stage("building the payloads (12 MP JPEG and HEIC, 3 MP PNG, 256 px JPEG)"):
         files = payloads(settings)
     counts = instances or (PREPROCESS_INSTANCES,)
-    rows = [r for n in counts for r in measure(settings, work, onnx_path, files, n)]
+    # Quick windows still outlast a 12 MP HEIC decode on a busy machine, or that row would count no answer.
+    seconds = 4.5 if settings.quick else 8.0
+    rows = [r for n in counts for r in measure(settings, work, onnx_path, files, n, seconds)]
     table = [
         [r["preprocess_instances"], r["payload"], f"{r['median_bytes'] / 1e6:.2f}", f"{r['bytes_images_per_s']:.2f}",
          f"{r['tensor_images_per_s']:.2f}", f"{r['bytes_vs_tensor']:.2f}x",
@@ -173,14 +149,9 @@ def run(
             table,
         )
         + f"\n\nEach row: {WINDOWS} windows of the tensor path and {WINDOWS} of the bytes path in turn, "
-        f"{window_seconds(settings)[0] / WINDOWS:.1f} s each after warm-up, {len(files['12 MP JPEG'])} distinct "
-        "files per kind. The tensor path sends the same photos preprocessed on the client (uint8 crops); the "
-        "bytes path sends the files to `threegnet_image`, which decodes them in the preprocessing model. CPU: "
-        "user + system time of the Triton process with its backend stubs and of the load generator (client and "
-        "server share the cores here) during the measured windows, per image answered; cores busy = CPU per "
-        "image x images/s. When both paths keep every core busy, their throughput ratio is the CPU ratio; where "
-        "the tensor path leaves cores idle (waiting on the batcher), the bytes path's decoding fills that time "
-        "and the ratio rises above it.\n"
+        f"{seconds / WINDOWS:.1f} s each after warm-up, {len(files['12 MP JPEG'])} distinct files per kind. CPU: "
+        "the Triton process tree's and the load generator's user + system time per image answered; cores busy = "
+        "CPU per image x images/s. How to read the two ratios: docs/performance.md section 7.\n"
     )
     shipped = [r for r in rows if r["preprocess_instances"] == counts[0]]
     data = {
@@ -193,13 +164,8 @@ def run(
 
 
 def main() -> int:
-    def flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--instances", type=int, nargs="+", help="preprocessing instance counts to compare")
-
-    def run_with(settings: Settings, work: Path, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-        return run(settings, work, instances=tuple(args.instances) if args.instances else None)
-
-    return run_part("payloads", __doc__, run_with, flags)
+    counts = {"type": int, "nargs": "+", "help": "preprocessing instance counts to compare"}
+    return run_part("payloads", __doc__, run, instances=counts)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,6 @@
-"""Serving overhead: a real Triton server against in-process onnxruntime on the same model file.
-
-For each concurrency (closed loop, ``bench/load.py``), gRPC and HTTP, raw uint8 tensors (model
-``threegnet``) and encoded JPEG bytes (ensemble ``threegnet_image``: decode + resize + crop in the
-server). The in-process baseline runs onnxruntime on the same ``model.onnx`` at batch size =
-concurrency, in its own process, alternating with the served windows so both see the same outside
-load. Client and server share the cores, as on a one-box deployment. The settings sweep behind
-``export/triton_config.py`` is a study: ``python -m bench.studies.serving_sweep``.
-
-    .venv/bin/python bench/serving.py [--quick]
-"""
+"""Serving overhead: a Triton server against in-process onnxruntime on the same model file, per concurrency,
+gRPC and HTTP, uint8 tensors and JPEG bytes; the two sides alternate so both see the same outside load
+(docs/performance.md section 4)."""
 
 from __future__ import annotations
 
@@ -20,38 +12,10 @@ from typing import Any
 import numpy as np
 
 from bench.common import Settings, Worker, entry, fp32_onnx, images, log, md_table, num, onnx_engine, run_part, stage
-from bench.load import Load, brief, combine, control_headers
+from bench.load import Load, brief, combine, triton
 
-MODEL = "threegnet"
 COMBOS = (("grpc", "tensor"), ("grpc", "bytes"), ("http", "tensor"), ("http", "bytes"))
 WINDOWS = 2  # served / in-process alternations per row
-
-
-def make_repository(onnx_path: Path, settings: Settings, repo: Path, overrides: dict[str, Any] | None = None) -> Path:
-    """The repository ``export/to_onnx.py`` writes, optionally with settings changed: any serving field of
-    :class:`~export.triton_config.ModelSpec` (``instances``, ``queue_timeout_ms``, ``preprocess_instances``,
-    ...) and ``queue_delay_us``, the dynamic batcher's wait."""
-    from export.repository import write_repository
-    from export.triton_config import ModelSpec, parse_pbtxt, to_pbtxt
-    from threegnet_preprocessing import Preprocessing
-
-    pp = Preprocessing(resize=settings.resize, crop=settings.crop)
-    fields = {k: v for k, v in (overrides or {}).items() if k != "queue_delay_us"}
-    spec = ModelSpec(
-        name=MODEL,
-        num_classes=settings.num_classes,
-        crop=settings.crop,
-        weight_map_shape=(settings.crop // 16, settings.crop // 16),
-        parameters={"arch": settings.arch, "num_classes": settings.num_classes, "preprocessing": pp.to_dict()},
-        **fields,
-    )
-    write_repository(repo, spec, onnx_path, [f"class_{i}" for i in range(settings.num_classes)], pp.to_dict(), 1)
-    if "queue_delay_us" in (overrides or {}):
-        config = repo / MODEL / "config.pbtxt"
-        parsed = parse_pbtxt(config.read_text())
-        parsed.dynamic_batching.max_queue_delay_microseconds = int(overrides["queue_delay_us"])
-        config.write_text(to_pbtxt(parsed))
-    return repo
 
 
 def jpeg_images(settings: Settings, count: int) -> list[bytes]:
@@ -69,21 +33,6 @@ def jpeg_images(settings: Settings, count: int) -> list[bytes]:
     return blobs
 
 
-def triton(repo: Path) -> Any:
-    """A Triton server on free ports for ``repo`` (not started; not watching the repository)."""
-    from serve.server import TritonServer
-
-    return TritonServer.on_free_ports(repo, exit_timeout=3, poll_secs=0)  # the repository does not change
-
-
-def load(server: Any, protocol: str, kind: str, tensors: np.ndarray, blobs: list[bytes], timeout: float = 30.0) -> Load:
-    """One-image requests of ``kind`` ("tensor" or "bytes"); statistics of the ONNX model either way."""
-    url = server.grpc_url if protocol == "grpc" else server.http_url
-    model, items = (MODEL, list(tensors)) if kind == "tensor" else (f"{MODEL}_image", blobs)
-    headers = control_headers(server, protocol)
-    return Load(url, model, items, protocol, headers=headers, stats_model=MODEL, timeout=timeout)
-
-
 def wire_bytes(requests: Load) -> dict[str, int]:
     """Request and response body sizes for one image (HTTP headers / HTTP2 framing not counted)."""
     client = requests.client()
@@ -91,9 +40,7 @@ def wire_bytes(requests: Load) -> dict[str, int]:
         result = requests.send(client, 0)
         response = result.get_response()
         if requests.protocol == "http":
-            body, _ = requests.module.InferenceServerClient.generate_request_body(
-                requests.inputs(0), requests.outputs()
-            )
+            body, _ = client.generate_request_body(requests.inputs(0), requests.outputs())
             binary = sum(result.as_numpy(o["name"]).nbytes for o in response["outputs"])
             return {"request": len(body), "response": len(json.dumps(response)) + binary}
         from tritonclient.grpc._utils import _get_inference_request
@@ -106,7 +53,7 @@ def wire_bytes(requests: Load) -> dict[str, int]:
         client.close()
 
 
-def repeat(worker: Worker, batch: int, seconds: float) -> list[float]:
+def in_process(worker: Worker, batch: int, seconds: float) -> list[float]:
     """Back-to-back in-process runs at ``batch`` for about ``seconds`` (at least two): their durations."""
     worker.run(batch)  # warm-up
     times: list[float] = []
@@ -116,28 +63,21 @@ def repeat(worker: Worker, batch: int, seconds: float) -> list[float]:
 
 
 def measure(
-    server: Any,
-    onnx_path: Path,
-    settings: Settings,
-    seconds: float,
-    warmup: float,
-    combos: tuple[tuple[str, str], ...] = COMBOS,
+    server: Any, onnx_path: Path, settings: Settings, seconds: float, warmup: float, combos: tuple[tuple[str, str], ...]
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
     """Every (concurrency, protocol, input) row, each next to in-process onnxruntime at that batch size."""
-    tensors, blobs = images(16, settings.crop, seed=1), jpeg_images(settings, 16)
+    items = {"tensor": list(images(16, settings.crop, seed=1)), "bytes": jpeg_images(settings, 16)}
+    wire = {f"{p}_{k}": wire_bytes(Load(server, items[k], p)) for p, k in combos}
     rows: list[dict[str, Any]] = []
-    wire = {f"{p}_{k}": wire_bytes(load(server, p, k, tensors, blobs)) for p, k in combos}
-    with Worker(onnx_engine, str(onnx_path), settings.crop) as inproc:
+    with Worker(onnx_engine, str(onnx_path), settings.crop) as worker:
         for concurrency in settings.concurrency:
             for protocol, kind in combos:
-                requests = load(server, protocol, kind, tensors, blobs)
+                requests = Load(server, items[kind], protocol)
                 windows, base = [], []
                 with stage(f"Triton {protocol} {kind}, concurrency {concurrency}, vs in-process batch {concurrency}"):
-                    # Served and in-process windows in turn (S I S I): outside load changes by the
-                    # second here, and both sides must see the same spread of it.
-                    for _ in range(WINDOWS):
+                    for _ in range(WINDOWS):  # S I S I: outside load changes by the second
                         windows.append(requests.closed(concurrency, seconds / WINDOWS, warmup))
-                        base += repeat(inproc, concurrency, seconds / WINDOWS / 2)
+                        base += in_process(worker, concurrency, seconds / WINDOWS / 2)
                 result = brief(combine(windows))
                 baseline = {
                     "batch": concurrency,
@@ -156,11 +96,8 @@ def measure(
                     "fraction_of_in_process": result["images_per_s"] / baseline["images_per_s"],
                 }
                 rows.append(row)
-                log(
-                    f"   {result['images_per_s']:.2f} img/s = {100 * row['fraction_of_in_process']:.0f}% of in-process "
-                    f"{baseline['images_per_s']:.2f}; p50 {num(result['p50_ms'])} ms, p99 {num(result['p99_ms'])} ms, "
-                    f"server batch {row['mean_server_batch']:.1f}"
-                )
+                log(f"   {result['images_per_s']:.2f} img/s = {row['fraction_of_in_process']:.0%} of in-process; "
+                    f"p50 {num(result['p50_ms'])} ms, p99 {num(result['p99_ms'])} ms")  # fmt: skip
     return rows, wire
 
 
@@ -171,18 +108,12 @@ def run(
     overrides: dict[str, Any] | None = None,
     combos: tuple[tuple[str, str], ...] = COMBOS,
 ) -> tuple[dict[str, Any], str]:
-    onnx_path = fp32_onnx(settings, work, onnx_path)
-    repo = make_repository(onnx_path, settings, work / "repository", overrides)
-    seconds = settings.serve_seconds
-    warmup = 1.0 if settings.quick else 2.0
-    with stage("starting Triton"):
-        server = triton(repo).start().wait_ready()
-    try:
-        rows, wire = measure(server, onnx_path, settings, seconds, warmup, combos)
-    finally:
-        server.stop()
     from export import triton_config as tc
 
+    onnx_path = fp32_onnx(settings, work, onnx_path)
+    seconds, warmup = settings.serve_seconds, 1.0 if settings.quick else 2.0
+    with triton(onnx_path, settings, work / "repository", overrides) as server:
+        rows, wire = measure(server, onnx_path, settings, seconds, warmup, combos)
     shipped = {
         "instances": tc.MODEL_INSTANCES, "intra_op_threads": tc.INTRA_OP_THREADS, "max_batch_size": tc.MAX_BATCH_SIZE,
         "queue_delay_us": tc.QUEUE_DELAY_US, "preprocess_instances": tc.PREPROCESS_INSTANCES, **(overrides or {}),
@@ -195,7 +126,6 @@ def run(
         for r in rows
     ]  # fmt: skip
     wire_table = [[key.replace("_", " "), f"{v['request']:,}", f"{v['response']:,}"] for key, v in sorted(wire.items())]
-    at4 = [r for r in rows if r["concurrency"] == (4 if 4 in settings.concurrency else settings.concurrency[-1])]
     markdown = (
         f"### Serving overhead: Triton vs in-process onnxruntime ({settings.arch}, {settings.crop}x{settings.crop})\n\n"
         + md_table(
@@ -206,13 +136,12 @@ def run(
         + "\n\nBytes on the wire per image (message bodies; the ensemble's JPEGs are built-in textures at "
         f"{settings.resize}x{settings.resize}, quality 90; the client asks for `probabilities` only):\n\n"
         + md_table(["protocol / input", "request bytes", "response bytes"], wire_table)
-        + f"\n\nClosed loop, one image per request; per row {WINDOWS} windows of {seconds / WINDOWS:.0f} s (each after "
-        f"{warmup:.0f} s of warm-up), each followed by {seconds / WINDOWS / 2:.0f} s of in-process runs. "
-        f"Server settings: {json.dumps(shipped)} (intra-op threads 0: the cores shared out among the instances). "
-        "The server runs the ONNX model through the python-backend stand-in (`serve/triton_models/onnx_standin.py`): "
-        "this Triton build has no onnxruntime backend.\n"
+        + f"\n\nClosed loop, one image per request; per row {WINDOWS} windows of {seconds / WINDOWS:.0f} s after "
+        f"{warmup:.0f} s of warm-up, each followed by {seconds / WINDOWS / 2:.0f} s in process. Server settings: "
+        f"{json.dumps(shipped)}; the ONNX model runs in the python-backend stand-in (docs/performance.md section 4).\n"
     )
-    fractions = {f"{r['protocol']}_{r['input']}": r["fraction_of_in_process"] for r in at4}
+    at4 = 4 if 4 in settings.concurrency else settings.concurrency[-1]
+    fractions = {f"{r['protocol']}_{r['input']}": r["fraction_of_in_process"] for r in rows if r["concurrency"] == at4}
     data = {"arch": settings.arch, "crop": settings.crop, "settings": shipped, "seconds_per_row": seconds,
             "wire_bytes_per_image": wire, "rows": rows, "concurrency_4_fraction": fractions}  # fmt: skip
     return data, markdown

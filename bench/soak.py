@@ -1,74 +1,51 @@
-"""Soak: open-loop Poisson arrivals held at 0.7x the measured capacity for minutes, per minute what was
-answered, refused, p50/p99 and the resident memory of the server's whole process tree.
-
-What a short benchmark cannot show: latency that drifts, a queue that slowly fills, memory that grows.
-Two servers run side by side, the shipped queue policy and the same with the queue timeout off, each
-taking half the load at the same time (two concurrent open loops at 0.35x capacity each), so that outside
-load on a shared machine hits both alike. Capacity is measured first on the first server alone (closed
-loop, gRPC, uint8 tensors, concurrency 4, the shipped settings).
-
-    .venv/bin/python bench/soak.py [--quick] [--minutes N]
-
-Targets: nothing refused, the last minute's p99 within 1.5x the second minute's, and memory growth
-under 64 MB after the first (warm-up) minute.
-"""
+"""Soak: open-loop Poisson arrivals at 0.7x capacity for minutes, split between two servers side by side (the
+shipped queue policy, the queue timeout off): per minute answers, refusals, p50/p99 and server memory, the
+drift a short run cannot show (docs/performance.md section 9)."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import Settings, entry, fp32_onnx, images, load_average, log, md_table, num, run_part, stage
-from bench.load import brief, server_rss_mb
-from bench.serving import load, make_repository, triton
+from bench.common import Settings, entry, fp32_onnx, images, load_average, log, md_table, num, run_part
+from bench.load import Load, brief, capacity, server_rss_mb, triton
 
 LOAD_LEVEL = 0.7  # of capacity, split evenly between the variants running side by side
 MINUTES = 3  # the default in `make bench`: enough for a second and a last minute; long runs: --minutes 60
 QUICK_MINUTES = 2
 QUICK_WINDOW_S = 20.0  # --quick: "minutes" of 20 s, a smoke run
-CLIENT_TIMEOUT_S = 30.0
 P99_DRIFT_MAX = 1.5  # last minute's p99 / second minute's
 RSS_GROWTH_MAX_MB = 64.0
 VARIANTS = {"queue policy (shipped)": {}, "queue timeout off": {"queue_timeout_ms": 0}}
 
 
 def run(
-    settings: Settings, work: Path, onnx_path: Path | None = None, args: argparse.Namespace | None = None
+    settings: Settings, work: Path, onnx_path: Path | None = None, minutes: int | None = None
 ) -> tuple[dict[str, Any], str]:
     onnx_path = fp32_onnx(settings, work, onnx_path)
-    minutes = getattr(args, "minutes", None) or (QUICK_MINUTES if settings.quick else MINUTES)
+    minutes = minutes or (QUICK_MINUTES if settings.quick else MINUTES)
     window = QUICK_WINDOW_S if settings.quick else 60.0
-    tensors = images(64, settings.crop, seed=7)
+    tensors = list(images(64, settings.crop, seed=7))
+    rows: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     with contextlib.ExitStack() as stack:
-        servers = {}
-        for i, (variant, overrides) in enumerate(VARIANTS.items()):
-            repo = make_repository(onnx_path, settings, work / f"soak-{i}", overrides)
-            servers[variant] = stack.enter_context(triton(repo))
-        loads = {v: load(s, "grpc", "tensor", tensors, [], timeout=CLIENT_TIMEOUT_S) for v, s in servers.items()}
-        first = next(iter(VARIANTS))
-        with stage("capacity: closed loop, concurrency 4 (first server alone)"):
-            # A refusal here (the machine starved by something else) lowers capacity; it must not end the run.
-            capacity = loads[first].closed(4, seconds=2.0 if settings.quick else 15.0, check=False)["images_per_s"]
-        rate = LOAD_LEVEL * capacity / len(VARIANTS)
-        log(f"   capacity {capacity:.1f} requests/s; {rate:.2f} requests/s to each of {len(VARIANTS)} servers")
-        rows: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+        servers = {
+            variant: stack.enter_context(triton(onnx_path, settings, work / f"soak-{i}", overrides))
+            for i, (variant, overrides) in enumerate(VARIANTS.items())
+        }
+        loads = {variant: Load(server, tensors) for variant, server in servers.items()}
+        capacity_per_s = capacity(loads[next(iter(VARIANTS))], settings.quick)  # the first server alone
+        rate = LOAD_LEVEL * capacity_per_s / len(VARIANTS)
+        log(f"   {rate:.2f} requests/s to each of {len(VARIANTS)} servers")
         for minute in range(1, minutes + 1):
-            results: dict[str, dict[str, Any]] = {}
-
-            def one(variant: str, k: int, minute: int = minute, results: dict = results) -> None:
-                results[variant] = loads[variant].open(rate, window, seed=1000 * minute + k)  # arrivals of their own
-
-            threads = [threading.Thread(target=one, args=(v, k)) for k, v in enumerate(VARIANTS)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            with ThreadPoolExecutor(len(VARIANTS)) as pool:  # both servers at once, arrivals of their own
+                futures = {
+                    v: pool.submit(loads[v].open, rate, window, 1000 * minute + k) for k, v in enumerate(VARIANTS)
+                }
             for variant, server in servers.items():
-                row = brief(results[variant]) | {
+                row = brief(futures[variant].result()) | {
                     "minute": minute,
                     "rss_mb": server_rss_mb(server.process.pid),
                     "ready": server.is_ready(),
@@ -77,8 +54,7 @@ def run(
                 }
                 rows[variant].append(row)
                 log(f"   minute {minute} {variant}: {row['answered']} answered, {row['refused']} refused, "
-                    f"{row['failed']} failed, p50 {num(row['p50_ms'])} ms, p99 {num(row['p99_ms'])} ms, "
-                    f"RSS {row['rss_mb']:.0f} MB, load {row['load_average']}")  # fmt: skip
+                    f"{row['failed']} failed, p99 {num(row['p99_ms'])} ms, RSS {row['rss_mb']:.0f} MB")  # fmt: skip
     verdicts = {v: verdict(r) for v, r in rows.items()}
     tables = []
     for variant, per_minute in rows.items():
@@ -102,17 +78,18 @@ def run(
     markdown = (
         f"### Soak: open-loop Poisson arrivals at {LOAD_LEVEL}x capacity for {minutes} x {window:.0f} s "
         f"({settings.arch}, {settings.crop}x{settings.crop}, gRPC uint8 tensors)\n\n"
-        f"Capacity (closed loop, concurrency 4): {capacity:.1f} requests/s. The two servers ran at the same time, "
-        f"{rate:.2f} requests/s each (together {LOAD_LEVEL}x capacity). Client timeout {CLIENT_TIMEOUT_S:.0f} s.\n\n"
-        + "\n".join(tables)
+        f"Capacity (closed loop, concurrency 4): {capacity_per_s:.1f} requests/s. The two servers ran at the "
+        f"same time, {rate:.2f} requests/s each (together {LOAD_LEVEL}x capacity). "
+        f"Client timeout {loads[next(iter(VARIANTS))].timeout:.0f} s.\n\n" + "\n".join(tables)
     )
-    data = {"capacity_per_s": capacity, "rate_per_server": rate, "window_s": window, "minutes": minutes,
+    data = {"capacity_per_s": capacity_per_s, "rate_per_server": rate, "window_s": window, "minutes": minutes,
             "rows": rows, "verdicts": verdicts}  # fmt: skip
     return data, markdown
 
 
 def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The soak's targets on one variant's minutes."""
+    """The soak's targets on one variant's minutes: nothing refused or failed, the last minute's p99 within
+    ``P99_DRIFT_MAX`` times the second's, memory growth after the first (warm-up) minute under 64 MB."""
     refused, failed = sum(r["refused"] for r in rows), sum(r["failed"] for r in rows)
     second, last = (rows[1]["p99_ms"], rows[-1]["p99_ms"]) if len(rows) > 1 else (None, None)
     drift = last / second if second and last else None
@@ -122,12 +99,9 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"refused": refused, "failed": failed, "p99_drift": drift, "rss_growth_mb": growth, "met": met}
 
 
-def flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--minutes", type=int, help=f"how long (default {MINUTES}; {QUICK_MINUTES} short ones with --quick)")
-
-
 def main() -> int:
-    return run_part("soak", __doc__, lambda settings, work, args: run(settings, work, None, args), flags)
+    minutes = {"type": int, "help": f"how long (default {MINUTES}; {QUICK_MINUTES} short ones with --quick)"}
+    return run_part("soak", __doc__, run, minutes=minutes)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """bench/run.py --quick: every benchmark part runs and writes its tables (no timing is asserted); the load
-generator's bookkeeping; the studies stay importable (bench/studies/, run on demand)."""
+generator's bookkeeping; the studies stay importable (bench/studies/, run on demand), and the low-precision
+one, whose trained model the INT8 and decoding studies reuse, still runs."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
-PART_FILES = ("model_speed", "low_precision", "serving", "overload", "payloads", "soak")
-STUDIES = ("decoding", "head_share", "int8", "reproduce_paper", "serving_sweep")
+PART_FILES = ("model_speed", "serving", "overload", "payloads", "soak")
+STUDIES = ("decoding", "head_share", "int8", "low_precision", "reproduce_paper", "serving_sweep")
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,6 @@ def test_quick_run_records_the_machine_and_the_ratios(quick_run):
             "onnxruntime_fraction_of_peak",
         ):
             assert row[key] > 0, key
-    precision = data["precision"]
-    assert 0 <= precision["int8_top1_agreement"] <= 1 and precision["int8_speedup"] > 0
     serving = data["serving"]
     assert {(r["protocol"], r["input"]) for r in serving["rows"]} == {
         ("grpc", "tensor"),
@@ -95,10 +94,9 @@ def test_quick_run_records_the_machine_and_the_ratios(quick_run):
     heic = next(r for r in payloads["rows"] if r["payload"] == "12 MP HEIC")
     assert heic["bytes_server_cpu_ms"] > heic["tensor_server_cpu_ms"], heic
     assert {t["target"] for t in data["targets"]} >= {
-        "INT8 throughput vs fp32 (onnxruntime)",
+        "ONNX vs PyTorch eager at batch 1",
         "2x overload: goodput of capacity (queue policy)",
         "12 MP JPEG as bytes vs tensors, concurrency 4",
-        "INT8 accuracy / fp32 accuracy",
     }
 
 
@@ -106,11 +104,24 @@ def test_quick_run_records_the_machine_and_the_ratios(quick_run):
 def test_quick_run_markdown_holds_the_tables(quick_run):
     out, _ = quick_run
     text = (out / "bench.md").read_text()
-    headings = ("### Targets", "### Model speed", "### Low precision", "### Serving", "### Overload",
-                "### Realistic payloads")  # fmt: skip
+    headings = ("### Targets", "### Model speed", "### Serving", "### Overload", "### Realistic payloads", "### Soak")
     for heading in headings:
         assert heading in text, heading
     assert "| batch |" in text and "flags:" in text  # the tables and the machine they were measured on
+
+
+@pytest.mark.slow
+def test_low_precision_study_measures_int8_and_bf16_against_fp32(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.studies.low_precision", "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "low_precision.json").read_text())
+    assert 0 <= data["int8_top1_agreement"] <= 1 and data["int8_speedup"] > 0
+    assert 0 <= data["bf16_top1_agreement"] <= 1 and data["int8_accuracy_ratio"] > 0
+    markdown = (tmp_path / "low_precision.md").read_text()
+    assert "### Low precision" in markdown and "#### INT8 targets" in markdown
 
 
 def test_gpu_harness_without_a_gpu_says_so_and_exits_0():

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_CLASSES
+from helpers import TINY_CLASSES
 
 from export.precision import half_precision
 from export.serving_model import ServingModel

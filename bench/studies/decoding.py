@@ -13,7 +13,7 @@ a dedicated libjpeg-turbo binding, when it is installed). Beside it, the model's
 a second shot of every scene (other sensor noise) decoded exactly, against the first.
 
 Models: ResNet50-3G at 224 px with a head trained on built-in textures (the model of
-``bench/low_precision.py``), and the demo model (``model_repository/threegnet``, after
+``bench/studies/low_precision.py``), and the demo model (``model_repository/threegnet``, after
 ``make demo``) when it is there.
 
     .venv/bin/python -m bench.studies.decoding [--quick] [--demo-repository model_repository]
@@ -21,7 +21,6 @@ Models: ResNet50-3G at 224 px with a head trained on built-in textures (the mode
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
@@ -131,9 +130,9 @@ def compare(
 
 
 def trained_model(settings: Settings, work: Path) -> tuple[Path, int, int]:
-    """bench/low_precision.py's trained ResNet50-3G (or the quick run's small model), exported."""
+    """bench/studies/low_precision.py's trained ResNet50-3G (or the quick run's small model), exported."""
     from bench.common import export
-    from bench.low_precision import built_in_data, train_head
+    from bench.studies.low_precision import built_in_data, train_head
 
     train_x, train_y, _, _, _ = built_in_data(settings, work / "data")
     serving, _ = train_head(settings, train_x, train_y, epochs=6 if not settings.quick else 2)
@@ -239,10 +238,7 @@ def run(settings: Settings, work: Path, demo_repository: Path | None = ROOT / "m
 
 
 def main() -> int:
-    def flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--demo-repository", type=Path, default=ROOT / "model_repository")
-
-    return run_part("decoding", __doc__, lambda settings, work, args: run(settings, work, args.demo_repository), flags)
+    return run_part("decoding", __doc__, run, demo_repository={"type": Path, "default": ROOT / "model_repository"})
 
 
 if __name__ == "__main__":

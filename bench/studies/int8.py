@@ -10,7 +10,7 @@ runs these graphs in fp32 arithmetic on the rounded values: a simulation (no fas
 for 10-bit activations), exact where nothing is rounded (a test checks that), close to the real
 INT8 kernels at 8/8.
 
-Both run on ``bench/low_precision.py``'s trained model (its table comes first); results in
+Both run on ``bench/studies/low_precision.py``'s trained model (its table comes first); results in
 docs/performance.md section 3.
 
     .venv/bin/python -m bench.studies.int8 [--quick] [--sensitivity] [--bit-widths]   # neither flag: both
@@ -18,7 +18,6 @@ docs/performance.md section 3.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -248,16 +247,18 @@ def sensitivity(fp32: Path, calibration: np.ndarray, val_x: np.ndarray, work: Pa
     return rows, markdown
 
 
-def run(settings: Settings, work: Path, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from bench import low_precision
+def run(
+    settings: Settings, work: Path, sensitivity: bool = False, bit_widths: bool = False
+) -> tuple[dict[str, Any], str]:
+    from bench.studies import low_precision
 
-    both = not (args.sensitivity or args.bit_widths)
+    both = not (sensitivity or bit_widths)
     kept: dict[str, Any] = {}
     data, markdown = low_precision.run(settings, work, keep=kept)
-    if args.sensitivity or both:
+    if sensitivity or both:
         data["sensitivity"], more = sensitivity(kept["fp32"], kept["calibration"], kept["val_x"], work)
         markdown += "\n" + more + "\n"
-    if args.bit_widths or both:
+    if bit_widths or both:
         probs = kept["probs"]
         compare = {
             "bf16 autocast (PyTorch)": probs["eager_bf16"],
@@ -273,11 +274,13 @@ def run(settings: Settings, work: Path, args: argparse.Namespace) -> tuple[dict[
 
 
 def main() -> int:
-    def flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--sensitivity", action="store_true", help="quantize one module at a time")
-        p.add_argument("--bit-widths", action="store_true", help="re-run the INT8 graph at other bit widths")
-
-    return run_part("int8", __doc__, run, flags)
+    return run_part(
+        "int8",
+        __doc__,
+        run,
+        sensitivity={"action": "store_true", "help": "quantize one module at a time"},
+        bit_widths={"action": "store_true", "help": "re-run the INT8 graph at other bit widths"},
+    )
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ near-uniform, and any perturbation reorders them), so the model here is trained,
 5. exported exactly as ``export/to_onnx.py`` does, INT8 calibrated on training images, agreement
    measured on held-out images no step above saw.
 
-Where the INT8 flips come from (one module at a time, other bit widths) is a study:
-``python -m bench.studies.int8``.
+The INT8 targets of docs/performance.md section 3 are checked against this run. Where the INT8 flips
+come from (one module at a time, other bit widths): ``python -m bench.studies.int8``, which runs this first.
 
-    .venv/bin/python bench/low_precision.py [--quick]
+    .venv/bin/python -m bench.studies.low_precision [--quick]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from bench.common import (
     export,
     log,
     md_table,
+    num,
     onnx_engine,
     run_part,
     stage,
@@ -180,6 +181,20 @@ def margins(reference: np.ndarray, top1: np.ndarray) -> dict[str, Any]:
     }
 
 
+def targets(data: dict[str, Any]) -> str:
+    """The INT8 targets (docs/performance.md section 3) against this run, as a table."""
+    speed, ratio, confident = data["int8_speedup"], data["int8_accuracy_ratio"], data["int8_confident_agreement"]
+    int8, bf16 = data["int8_top1_agreement"], data["bf16_top1_agreement"]
+    rows = [
+        ("INT8 throughput vs fp32 (onnxruntime)", "2.5x", f"{speed:.2f}x", speed >= 2.5),
+        ("INT8 accuracy / fp32 accuracy", "99.5%", f"{ratio:.2%}", ratio >= 0.995),
+        ("INT8 top-1 agreement where fp32's margin >= 0.1", "100%", num(confident, ".1%"), confident == 1.0),
+        ("INT8 top-1 agreement with fp32 no worse than bf16 autocast's", "INT8 >= bf16",
+         f"INT8 {int8:.1%}, bf16 {bf16:.1%}", int8 >= bf16),
+    ]  # fmt: skip
+    return md_table(["target", "goal", "measured", "met"], [[*r[:3], "yes" if r[3] else "no"] for r in rows])
+
+
 def predictions(worker: Worker, x: np.ndarray) -> np.ndarray:
     return np.concatenate([worker.run(x[i : i + CHUNK])[1] for i in range(0, len(x), CHUNK)])
 
@@ -227,7 +242,7 @@ def run(settings: Settings, work: Path, keep: dict[str, Any] | None = None) -> t
             probs = {name: predictions(w, val_x) for name, w in workers.items() if name != "eager_fp32"}
     finally:
         for w in workers.values():
-            w.close()
+            w.shutdown()
 
     top1 = {name: p.argmax(1) for name, p in probs.items()}
     pairs = dict.fromkeys(("onnxruntime_int8", "onnxruntime_int8_early_fp32", "eager_bf16"), "onnxruntime_fp32")
@@ -296,6 +311,9 @@ def run(settings: Settings, work: Path, keep: dict[str, Any] | None = None) -> t
         "bf16 = PyTorch `torch.autocast('cpu', torch.bfloat16)` "
         "(the head's covariance and Newton-Schulz stay fp32); onnxruntime has no bf16 path for x86 CPUs. "
         f"Medians of {settings.rounds} alternating rounds, each engine in its own process.\n"
+        + "\n#### INT8 targets\n\n"
+        + targets(data)
+        + "\n"
     )
     if keep is not None:
         keep.update(fp32=fp32, int8=int8, calibration=calibration, val_x=val_x, probs=probs)
