@@ -1,25 +1,16 @@
-"""Shared fixtures. Everything a test needs it makes itself: no downloads."""
+"""Shared fixtures and hooks. Everything a test needs it makes itself: no downloads. Plain helpers
+(constants, functions, classes) are in helpers.py: tests import them from there, not from here."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from helpers import TINY_CLASSES, TINY_PREPROCESSING
 
-ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = Path(__file__).resolve().parent / "reference"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # screenshots etc., kept after the run
-
-
-def read_reference(arch: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(key, shape) of a released model, from the listing shipped in tests/reference."""
-    rows = (REFERENCE / f"{arch}_state_dict.tsv").read_text().splitlines()[1:]
-    out = []
-    for row in rows:
-        key, shape, _dtype = row.split("\t")
-        out.append((key, () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))))
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +44,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # -- a tiny exported model and a real Triton server, shared by the serving and client tests --------
 
-TINY_CLASSES = ["stripes", "checks", "blobs", "noise"]
-TINY_PREPROCESSING = {"resize": 73, "crop": 64}
-
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -82,6 +70,14 @@ def model_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
 
     repo = tmp_path_factory.mktemp("model_repository")
     assert export_main(["--checkpoint", str(tiny_checkpoint), "--output-dir", str(repo)]) == 0
+    return repo
+
+
+@pytest.fixture
+def own_repository(model_repository: Path, tmp_path: Path) -> Path:
+    """A copy of the exported repository that a test may change."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository, repo)
     return repo
 
 

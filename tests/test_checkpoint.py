@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import released_checkpoint
 
 from threegnet_preprocessing import Preprocessing
 from training.checkpoint import CheckpointError, load_model, make_checkpoint, save_atomic
 from training.model import create_model
-
-
-def released_checkpoint(path, arch="resnet18_3g", num_classes=1000, **model_kwargs):
-    """A file in the authors' format: DataParallel keys, the released dict entries."""
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=num_classes, **model_kwargs)
-    # What DataParallel's state_dict() gives (DataParallel itself would move the model to a GPU if any).
-    state_dict = {f"module.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"epoch": 115, "arch": arch.removesuffix("_3g"), "state_dict": state_dict, "best_prec1": 78.66}, path)
-    return model.eval()
 
 
 def test_released_checkpoint_loads_with_inferred_arch_and_classes(tmp_path):

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
+from helpers import ROOT, TINY_CLASSES, TINY_PREPROCESSING
 from PIL import Image
 
 from client.inference import (

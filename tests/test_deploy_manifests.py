@@ -5,7 +5,6 @@ and the container use."""
 
 from __future__ import annotations
 
-import copy
 import re
 import shutil
 import subprocess
@@ -16,8 +15,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT
-from helpers import CONTROL_PLANE_PATHS, DATA_PLANE_PATHS
+from helpers import CONTROL_PLANE_PATHS, DATA_PLANE_PATHS, K8S_VERSION, KUBE, ROOT, build, documents, kustomization
 
 from serve.endpoints import (
     CONTAINER_REPOSITORY,
@@ -44,60 +42,10 @@ from serve.endpoints import (
     UPSTREAM_TIMEOUT_S,
 )
 
-KUBE = ROOT / "deploy" / "kubernetes"
 OVERLAYS = [KUBE, KUBE / "object-storage", KUBE / "grpc-tls", KUBE / "training"]
-K8S_VERSION = "1.37.0"
 # The Prometheus operator's kinds: kubernetes-validate has no schema for them (it warns and checks nothing);
 # tests/test_monitoring.py validates them against the operator's CRD schemas instead.
 MANIFESTS = sorted(p for p in KUBE.rglob("*.yaml") if p.name != "kustomization.yaml" and p.parent.name != "monitoring")
-
-
-def documents(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
-
-
-def kustomization(folder: Path) -> dict:
-    return yaml.safe_load((folder / "kustomization.yaml").read_text())
-
-
-def build(folder: Path) -> list[dict]:
-    """A small kustomize: the resources (recursively), then the overlay's patches (JSON 6902 ops
-    and `$patch: delete`), which is all deploy/kubernetes uses."""
-    spec = kustomization(folder)
-    resources: list[dict] = []
-    for entry in spec.get("resources", []):
-        target = (folder / entry).resolve()
-        resources += build(target) if target.is_dir() else documents(target)
-    for patch in spec.get("patches", []):
-        body = yaml.safe_load(patch["patch"])
-        if isinstance(body, dict) and body.get("$patch") == "delete":
-            resources = [r for r in resources if (r["kind"], r["metadata"]["name"]) !=
-                         (body["kind"], body["metadata"]["name"])]  # fmt: skip
-            continue
-        target = patch["target"]
-        for resource in resources:
-            if resource["kind"] == target["kind"] and resource["metadata"]["name"] == target["name"]:
-                for op in body:
-                    json_patch(resource, op)
-    return resources
-
-
-def json_patch(document: dict, op: dict) -> None:
-    keys = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].strip("/").split("/")]
-    *parents, last = [int(p) if p.isdigit() else p for p in keys]
-    node = document
-    for key in parents:
-        node = node[key]
-    if op["op"] == "remove":
-        del node[last]
-    elif op["op"] == "add" and last == "-":
-        node.append(copy.deepcopy(op["value"]))
-    elif op["op"] in ("add", "replace"):
-        if op["op"] == "replace":
-            node[last]
-        node[last] = copy.deepcopy(op["value"])
-    else:
-        raise AssertionError(f"unsupported op {op}")
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: str(p.relative_to(KUBE)))

@@ -13,9 +13,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import ROOT, TINY_CLASSES
 from google.protobuf.text_format import ParseError
-from test_checkpoint import released_checkpoint
+from helpers import ROOT, TINY_CLASSES, released_checkpoint
 
 from export.onnx_graph import module_path, read_metadata
 from export.serving_model import ServingModel
@@ -178,7 +177,7 @@ def test_labels_that_do_not_fit(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "r" / "threegnet").exists()
 
 
-def test_unwritable_output_dir(tiny_checkpoint, tmp_path):
+def test_an_unwritable_output_dir_is_refused_naming_it(tiny_checkpoint, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     result = run_export("--checkpoint", str(tiny_checkpoint), "--output-dir", str(blocker / "repo"))

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from client.inference import TritonClassifier
 from serve.server import TritonServer, free_port

@@ -14,15 +14,15 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY_CLASSES
+from helpers import ROOT, TINY_CLASSES
 
+from serve.children import NotAnswering, wait_http_ok
 from serve.endpoints import CONTROL_KEY_FILE_ENV, CONTROL_KEY_HEADER, READY_PATH
 
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -249,16 +249,10 @@ def test_the_launcher_serves_as_an_unprivileged_user(sandbox_dir, read_only_root
         )  # fmt: skip
     base_url = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None, f"the launcher exited with {process.returncode}:\n{log.read_text()[-5000:]}"
-            try:
-                if http(base_url + READY_PATH, timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in 240 s:\n{log.read_text()[-5000:]}"
-            time.sleep(0.5)
+        try:
+            wait_http_ok(base_url + READY_PATH, process, 240)
+        except NotAnswering as e:
+            pytest.fail(f"the launcher: {e}\n{log.read_text()[-5000:]}")
         # It really is the unprivileged user, with no capability and no way to gain one.
         status = dict(line.split(":", 1) for line in Path(f"/proc/{process.pid}/status").read_text().splitlines())
         assert status["Uid"].split() == ["10001"] * 4 and status["Gid"].split() == ["10001"] * 4

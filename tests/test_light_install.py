@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
+from helpers import ROOT, TINY_CLASSES, TINY_PREPROCESSING, png
 
+from serve.children import NotAnswering, wait_http_ok
 from serve.server import free_port
 
 HEAVY = ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "pytriton")
@@ -45,8 +44,6 @@ def test_the_client_install_has_no_heavy_dependencies(light_venv):
 
 @pytest.mark.slow
 def test_both_clients_work_against_a_server_from_the_light_install(light_venv, triton, tmp_path):
-    from test_serving import png
-
     python = str(light_venv / "bin" / "python")
     images = tmp_path / "images"
     images.mkdir()
@@ -69,15 +66,10 @@ def test_both_clients_work_against_a_server_from_the_light_install(light_venv, t
     with log.open("w") as out:
         demo = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert demo.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
-                    assert page.status == 200
-                    break
-            except OSError:
-                time.sleep(0.5)
+        try:
+            wait_http_ok(f"http://127.0.0.1:{port}/", demo, 120)
+        except NotAnswering as e:
+            pytest.fail(f"the demo page: {e}\n{log.read_text()[-2000:]}")
     finally:
         demo.send_signal(signal.SIGTERM)
         demo.wait(timeout=30)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import read_reference
+from helpers import read_reference
 
 from training import model as models
 from training.model import ARCHS, create_model, infer_config

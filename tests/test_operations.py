@@ -4,31 +4,37 @@ the tests check what happened and in what order."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
-from tritonclient.utils import InferenceServerException
+from helpers import (
+    CROP,
+    ROOT,
+    TINY_CLASSES,
+    TINY_PREPROCESSING,
+    Load,
+    http_status,
+    infer_bytes,
+    infer_tensor,
+    png,
+    server_on,
+    tensor,
+    wait_until,
+)
 
 from client.inference import OVERLOAD_MESSAGES, ServerOverloaded, TritonClassifier
 from serve.server import TritonServer, free_port
 from serve.supervisor import backend_processes
-
-CROP = 64
 
 
 def overload_error(message: str) -> bool:
@@ -36,86 +42,9 @@ def overload_error(message: str) -> bool:
     return any(m in message for m in OVERLOAD_MESSAGES)
 
 
-def server_on(repo: Path, **kwargs) -> TritonServer:
-    return TritonServer.on_free_ports(repo, exit_timeout=3, **kwargs)
-
-
-def http_status(server: TritonServer, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (OSError, http.client.HTTPException):  # refused, reset, or cut off mid-answer
-        return -1
-
-
-def tensor(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (1, CROP, CROP, 3), dtype=np.uint8)
-
-
-def infer_tensor(client: grpcclient.InferenceServerClient, model: str = "threegnet"):
-    inp = grpcclient.InferInput("image", [1, CROP, CROP, 3], "UINT8")
-    inp.set_data_from_numpy(tensor())
-    return client.infer(model, [inp], client_timeout=30)
-
-
-def infer_bytes(client: grpcclient.InferenceServerClient, blob: bytes):
-    inp = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
-    inp.set_data_from_numpy(np.array([blob], dtype=object).reshape(1, 1))
-    return client.infer("threegnet_image", [inp], client_timeout=30)
-
-
-class Load(threading.Thread):
-    """A steady closed-loop load: one request after another, each recorded as
-    (start, end, error or None, the model version that answered)."""
-
-    def __init__(self, server: TritonServer, send: Callable[[grpcclient.InferenceServerClient], object]) -> None:
-        super().__init__(daemon=True)
-        self.server, self.send = server, send
-        self.results: list[tuple[float, float, str | None, str | None]] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        client = grpcclient.InferenceServerClient(self.server.grpc_url)
-        while not self.halt.is_set():
-            start = time.monotonic()
-            try:
-                result = self.send(client)
-                self.results.append((start, time.monotonic(), None, result.get_response().model_version))
-            except InferenceServerException as e:
-                self.results.append((start, time.monotonic(), e.message(), None))
-            time.sleep(0.01)
-        client.close()
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join(timeout=60)
-
-    def failures(self) -> list[tuple[float, float, str | None, str | None]]:
-        return [r for r in self.results if r[2] is not None]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        time.sleep(0.05)
-
-
-@pytest.fixture
-def own_repository(model_repository: Path, tmp_path: Path) -> Path:
-    """A copy of the exported repository that a test may change."""
-    repo = tmp_path / "repo"
-    shutil.copytree(model_repository, repo)
-    return repo
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["threegnet", "threegnet_preprocess"])
 def test_a_killed_backend_process_heals_itself_and_readiness_never_lies(own_repository, model):
-    from test_serving import png
-
     blob = png(80, 80)
     with server_on(own_repository, supervisor_metrics_port=free_port()) as server:
         load = Load(server, lambda c: infer_bytes(c, blob))  # through the ensemble: needs both models
@@ -261,8 +190,6 @@ def test_the_client_library_retries_overload_refusals(tight_server):
 
 @pytest.mark.slow
 def test_predict_reports_overload_per_image_and_goes_on(tight_server, tmp_path):
-    from test_serving import png
-
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(24):
@@ -285,8 +212,6 @@ def test_predict_reports_overload_per_image_and_goes_on(tight_server, tmp_path):
 
 @pytest.mark.slow
 def test_a_new_version_rolls_out_under_load_without_one_failed_request_and_rolls_back(own_repository, tiny_checkpoint):
-    from test_serving import png
-
     blob = png(90, 90, seed=3)
     with server_on(own_repository, poll_secs=0.5) as server:
         tensors, images = Load(server, infer_tensor), Load(server, lambda c: infer_bytes(c, blob))

@@ -11,8 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import ROOT
-from test_checkpoint import released_checkpoint
+from helpers import ROOT, released_checkpoint
 
 from export.labels import imagenet_labels
 from serve.server import free_port

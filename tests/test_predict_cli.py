@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import ROOT, TINY_CLASSES, TINY_PREPROCESSING
+from helpers import ROOT, TINY_CLASSES, TINY_PREPROCESSING
 from photos import photos
 from PIL import Image
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import random
-import struct
 import warnings
 
 import numpy as np
 import pytest
+from helpers import decoder_regressions, encode, format_seeds, mutations, noise_image, thin_png, with_exif
 from photos import photos
 from PIL import Image, ImageCms
 from torchvision import transforms
@@ -25,17 +23,6 @@ from threegnet_preprocessing import (
     open_image,
     preprocess,
 )
-
-
-def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def noise_image(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (256, 256), (300, 200), (200, 301), (513, 257), (31, 40), (1000, 999)])
@@ -74,13 +61,13 @@ def test_modes_become_rgb(mode):
         assert out.max() > 200 and abs(out[-1, -1] - round(int(arr[-1, -1]) / 257)) <= 1
 
 
-def test_palette_with_transparency():
+def test_a_palette_image_with_transparency_becomes_rgb():
     src = noise_image(32, 32).convert("P")
     src.info["transparency"] = 0
     assert open_image(encode(src, "PNG", transparency=0)).mode == "RGB"
 
 
-def test_gif_first_frame():
+def test_an_animated_gif_gives_its_first_frame():
     frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
     assert open_image(data).getpixel((5, 5))[0] > 200  # red, not blue
@@ -94,7 +81,7 @@ def test_exif_orientation_is_applied():
     assert img.size == (40, 60)
 
 
-def test_path_input(tmp_path):
+def test_an_image_file_path_is_read_like_its_bytes(tmp_path):
     path = tmp_path / "a.png"
     noise_image(300, 260).save(path)
     assert load_and_preprocess(path).shape == (224, 224, 3)
@@ -108,18 +95,18 @@ def test_path_input(tmp_path):
         (b"%PDF-1.4 fake", "not an image"),
     ],
 )
-def test_bad_bytes(data, message):
+def test_empty_and_non_image_bytes_are_refused_with_the_reason(data, message):
     with pytest.raises(ImageError, match=message):
         open_image(data)
 
 
-def test_truncated_jpeg():
+def test_a_truncated_jpeg_is_refused_as_corrupt_or_truncated():
     data = encode(noise_image(200, 200), "JPEG")
     with pytest.raises(ImageError, match="corrupt or truncated"):
         open_image(data[: len(data) // 2])
 
 
-def test_tiny_image():
+def test_a_one_pixel_image_is_refused_with_its_size():
     with pytest.raises(ImageError, match="1x1 pixels"):
         open_image(encode(Image.new("RGB", (1, 1))))
 
@@ -178,11 +165,6 @@ def test_the_exact_path_is_still_torchvisions():
 
 
 # -- hostile uploads: the work is bounded from the header, and every decoder failure is an ImageError --
-
-
-def thin_png(width: int, height: int) -> bytes:
-    """A few KB that decode to a thin image: 8 x 100000 is 0.8 Mpx, under the pixel cap."""
-    return encode(Image.new("L", (width, height)), "PNG")
 
 
 @pytest.fixture
@@ -245,46 +227,10 @@ def test_formats_nobody_uploads_are_not_decoded(fmt):
         open_image(data)
 
 
-def _with_exif(fmt: str, exif: bytes | Image.Exif, **kw) -> bytes:
-    return encode(noise_image(56, 40), fmt, exif=exif, **kw)
-
-
-def _tiff_ifd(entries: list[tuple[int, int, int, bytes]]) -> bytes:
-    """A little-endian EXIF block (TIFF header + one IFD) written entry by entry, malformed on purpose."""
-    body = struct.pack("<H", len(entries))
-    for tag, kind, count, value in sorted(entries):
-        body += struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0")[:4]
-    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + body + struct.pack("<I", 0)
-
-
-def _zero_box(data: bytes, box: bytes) -> bytes:
-    """An ISO-BMFF (HEIC/AVIF) file with 8 bytes after a box's type zeroed."""
-    i = data.index(box) + len(box)
-    return data[:i] + bytes(8) + data[i + 8 :]
-
-
-def _regressions() -> dict[str, bytes]:
-    """Inputs that made the decoders raise something other than ImageError (found by the mutation
-    corpus below, then rebuilt here from what they mean rather than kept as files)."""
-    not_tiff = b"Exif\x00\x00MM_*\x00\x00\x00\x08"  # an EXIF block whose TIFF header is broken
-    orientation = (0x0112, 3, 1, struct.pack("<H", 6))
-    float_model = (0x0110, 11, 1, struct.pack("<f", 1.0))  # camera model, an ASCII tag, typed FLOAT
-    avif = encode(noise_image(56, 40), "AVIF")
-    return {
-        # exif_transpose rewrites the EXIF after turning the image: AttributeError on the FLOAT tag
-        "jpeg_exif_malformed_tag": _with_exif("JPEG", _tiff_ifd([orientation, float_model])),
-        "webp_exif_not_tiff": _with_exif("WEBP", not_tiff),  # SyntaxError from exif_transpose
-        "png_exif_not_tiff": _with_exif("PNG", not_tiff),
-        "heic_exif_not_tiff": _with_exif("HEIF", not_tiff),
-        "avif_no_image_item": _zero_box(avif, b"iloc"),  # RuntimeError from the AVIF decoder
-        "avif_corrupt_planes": _zero_box(avif, b"mdat"),
-    }
-
-
-@pytest.mark.parametrize("name", sorted(_regressions()))
+@pytest.mark.parametrize("name", sorted(decoder_regressions()))
 def test_decoder_failures_on_malformed_files_are_image_errors(name):
     with pytest.raises(ImageError) as e:
-        load_and_preprocess(_regressions()[name], Preprocessing(resize=73, crop=64))
+        load_and_preprocess(decoder_regressions()[name], Preprocessing(resize=73, crop=64))
     assert "\n" not in str(e.value) and "/" not in str(e.value)  # one line, no paths
 
 
@@ -293,56 +239,10 @@ def test_exif_and_icc_that_parse_still_apply():
     exif = Image.Exif()
     exif[0x0112] = 6
     for fmt in ("JPEG", "PNG", "WEBP", "AVIF"):  # (pillow-heif turns HEIC by the container's own rotation)
-        assert open_image(_with_exif(fmt, exif, icc_profile=icc)).size == (40, 56), fmt
+        assert open_image(with_exif(fmt, exif, icc_profile=icc)).size == (40, 56), fmt
 
 
-def _seeds() -> dict[str, bytes]:
-    """One small file of each accepted format, with EXIF (orientation 6) and an ICC profile where the
-    format carries them."""
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    exif[0x010F] = "Camera"
-    img = noise_image(56, 40)
-    frames = [img, noise_image(56, 40, seed=1)]
-    return {
-        "jpeg": encode(img, "JPEG", exif=exif, icc_profile=icc, quality=80),
-        "jpeg_progressive": encode(img, "JPEG", exif=exif, progressive=True),
-        "png": encode(img, "PNG", exif=exif, icc_profile=icc),
-        "gif": encode(img, "GIF", save_all=True, append_images=frames[1:]),
-        "webp": encode(img, "WEBP", exif=exif, icc_profile=icc),
-        "tiff": encode(img, "TIFF", exif=exif, compression="tiff_deflate"),
-        "bmp": encode(img, "BMP"),
-        "avif": encode(img, "AVIF", exif=exif),
-        "heic": encode(img, "HEIF", exif=exif),
-    }
-
-
-EXTREMES = (b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff", b"\x80\x00\x00\x00")
-
-
-def _mutations(data: bytes, seed: int, count: int) -> list[bytes]:
-    """Truncations at 40 points, then ``count`` copies with 1-8 bytes flipped, replaced, or overwritten
-    by an extreme 32-bit value (lengths, offsets and sizes in headers): a deterministic corpus."""
-    rng = random.Random(seed)
-    out = [data[: len(data) * i // 40] for i in range(1, 40)]
-    for _ in range(count):
-        b = bytearray(data)
-        for _ in range(rng.choice((1, 2, 4, 8))):
-            i, op = rng.randrange(len(b)), rng.random()
-            if op < 0.5:
-                b[i] = rng.randrange(256)
-            elif op < 0.75:
-                b[i] ^= 1 << rng.randrange(8)
-            else:
-                b[i : i + 4] = rng.choice(
-                    (b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff", b"\x80\0\0\0")
-                )
-        out.append(bytes(b))
-    return out
-
-
-@pytest.mark.parametrize("fmt", sorted(_seeds()))
+@pytest.mark.parametrize("fmt", sorted(format_seeds()))
 def test_mutated_files_of_every_format_only_ever_raise_image_errors(fmt):
     """About 240 damaged copies of each format through the served decode path: each either decodes
     to the model input or raises ImageError with a one-line reason; nothing else escapes."""
@@ -350,7 +250,7 @@ def test_mutated_files_of_every_format_only_ever_raise_image_errors(fmt):
     outcomes = {"decoded": 0, "refused": 0}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns about the EXIF it skips
-        for data in _mutations(_seeds()[fmt], seed=sum(fmt.encode()), count=200):
+        for data in mutations(format_seeds()[fmt], seed=sum(fmt.encode()), count=200):
             try:
                 assert load_and_preprocess(data, pp).shape == (64, 64, 3)
                 outcomes["decoded"] += 1

@@ -17,8 +17,19 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ROOT, TINY_CLASSES
-from test_operations import CROP, Load, http_status, infer_bytes, infer_tensor, server_on, tensor, wait_until
+from helpers import (
+    CROP,
+    ROOT,
+    TINY_CLASSES,
+    Load,
+    http_status,
+    infer_bytes,
+    infer_tensor,
+    png,
+    server_on,
+    tensor,
+    wait_until,
+)
 
 from export.repository import COMPLETION_RECORD
 from serve.server import TritonServer
@@ -27,14 +38,6 @@ from serve.versions import main as versions_main
 pytestmark = pytest.mark.slow
 
 POLL_SECS = 0.5
-
-
-@pytest.fixture
-def own_repository(model_repository: Path, tmp_path: Path) -> Path:
-    """A copy of the exported repository that a test may change."""
-    repo = tmp_path / "repo"
-    shutil.copytree(model_repository, repo)
-    return repo
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +117,6 @@ def break_then_fix(
 ) -> None:
     """Serve ``repo`` under load from three client threads, ``break_it``, check that nothing noticed
     but the log, then ``fix`` (default: a good version 3 copied in) and check that it is served."""
-    from test_serving import png
-
     blob = png(90, 90, seed=5)
     with server_on(repo, poll_secs=POLL_SECS) as server:
         loads = [Load(server, infer_tensor), Load(server, infer_tensor), Load(server, lambda c: infer_bytes(c, blob))]

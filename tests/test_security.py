@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import ROOT
-from helpers import CONTROL_PLANE_PATHS, DATA_PLANE_PATHS, Certificates, make_certificates
+from helpers import CONTROL_PLANE_PATHS, DATA_PLANE_PATHS, ROOT, Certificates, make_certificates
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 

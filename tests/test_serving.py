@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import ROOT, TINY_CLASSES
+from helpers import ROOT, TINY_CLASSES, png
 from photos import photos
 from PIL import Image
 from tritonclient.utils import InferenceServerException
@@ -27,13 +27,6 @@ from serve.server import ServerError, TritonServer, free_port
 from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
 PP = Preprocessing(resize=73, crop=64)
-
-
-def png(w: int, h: int, seed: int = 0, fmt: str = "PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -12,57 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT, alive, descendants, start, wait_for_line
 
 from serve.server import free_port, port_in_use
 
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
-
-
-def _ppids() -> dict[int, int]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    out[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def descendants(pid: int) -> set[int]:
-    parents = _ppids()
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"  # a zombie is dead
-    except OSError:
-        return False
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    """As a shell script's background job starts it: own session, SIGINT ignored."""
-    with log.open("w") as out:
-        return subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-        )  # fmt: skip
-
-
-def wait_for_line(proc: subprocess.Popen, log: Path, line: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while line not in log.read_text():
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.3)
 
 
 def stop_and_check(proc: subprocess.Popen, sig: int, ports: list[int], log: Path, expect_children: int) -> None:

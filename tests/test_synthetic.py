@@ -55,7 +55,7 @@ def textures(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("tex"), classes=8, per_class=30, val_per_class=15, size=64, seed=3)
 
 
-def test_layout_and_names(tmp_path):
+def test_each_split_has_a_folder_per_class_of_numbered_rgb_pngs(tmp_path):
     root = generate(tmp_path / "d", classes=3, per_class=4, val_per_class=2, size=32, progress=False)
     for split, n in (("train", 4), ("val", 2)):
         assert sorted(p.name for p in (root / split).iterdir()) == sorted(CLASS_NAMES[:3])

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import TINY_CLASSES
-from test_serving import png
+from helpers import TINY_CLASSES, png
 
 from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
