@@ -23,10 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python pipeline/run_all.py` from anywhere
-
-from serve.children import (  # noqa: E402
+from serve.children import (
     NotAnswering,
     Stopped,
     raise_on_stop_signals,
@@ -35,6 +32,8 @@ from serve.children import (  # noqa: E402
     wait_any,
     wait_http_ok,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PY = sys.executable
 # Seconds a stage gets to stop on SIGTERM before SIGKILL: Triton drains for its exit timeout (5 s here).

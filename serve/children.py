@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -23,10 +24,22 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 
 
+def _libc_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _libc_prctl()  # resolved here, not in the forked child: no dlopen between fork and exec
+
+
 def die_with_parent() -> None:
-    """In a child, before exec: get SIGTERM when the parent dies (Linux)."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    """In a child, before exec: get SIGTERM when the parent dies (Linux). Only for a parent with
+    one thread: Python code between fork and exec can deadlock or crash the child of a threaded
+    one (https://docs.python.org/3/library/subprocess.html#subprocess.Popen, ``preexec_fn``)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Stopped(Exception):
@@ -57,10 +70,18 @@ def on_stop_signals(callback: Callable[[int], None]) -> None:
         signal.signal(s, lambda signum, _frame: callback(signum))
 
 
-def spawn(cmd: Sequence[str], **kwargs: object) -> subprocess.Popen:
+def spawn(cmd: Sequence[str], new_session: bool = False, **kwargs: object) -> subprocess.Popen:
     """Start ``cmd`` in its own process group (a terminal's Ctrl-C reaches only the owner,
-    which then stops it deliberately), dying with its parent."""
-    return subprocess.Popen(list(cmd), process_group=0, preexec_fn=die_with_parent, **kwargs)  # type: ignore[call-overload]
+    which then stops it deliberately), or its own session, dying with its parent.
+
+    util-linux's ``setpriv --pdeathsig`` sets the parent-death signal and execs ``cmd`` (same pid),
+    so nothing of ours runs between fork and exec, whatever threads the owner has (gRPC clients,
+    watchers); without setpriv, :func:`die_with_parent` does it.
+    """
+    group: dict[str, object] = {"start_new_session": True} if new_session else {"process_group": 0}
+    if setpriv := shutil.which("setpriv"):
+        return subprocess.Popen([setpriv, "--pdeathsig", "TERM", "--", *cmd], **group, **kwargs)  # type: ignore[call-overload]
+    return subprocess.Popen(list(cmd), preexec_fn=die_with_parent, **group, **kwargs)  # type: ignore[call-overload]
 
 
 def stop(proc: subprocess.Popen, grace: float, sig: int = signal.SIGTERM) -> int:

@@ -84,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2.0,
         help="seconds between looks for new versions in the repository (default 2; 0: never)",
     )
+    p.add_argument(
+        "--version-pins",
+        type=Path,
+        metavar="FILE",
+        help="'MODEL VERSION' lines, read at every poll: serve that version of MODEL here, whatever its "
+        "config's version_policy says (a canary; deploy/canary.py). Missing or empty: no pin",
+    )
     p.add_argument("--no-self-heal", action="store_true", help="do not reload a model whose backend process died")
     lock = p.add_argument_group("security (docs/security.md)")
     lock.add_argument(
@@ -162,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         grpc_tls=tls,
         public=tuple(args.public),
         supervisor_metrics_port=args.supervisor_metrics_port or None,
+        pins=args.version_pins,
     )
     stopping = []
 
@@ -195,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                 "readable by every local user (install gcc, or set $THREEGNET_SECRET_ARGS_LIB)")  # fmt: skip
         server.wait_ready(args.timeout)
     except ServerError as e:
+        if stopping:  # told to stop while starting: Triton's exit is the stop, not a failure
+            final = server.stop()
+            log("Triton stopped.")
+            return final or 0
         log(f"error: {e}")
         return 1
     if stopping:

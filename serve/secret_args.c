@@ -14,6 +14,10 @@
 
 __attribute__((constructor)) static void reveal_secret_args(int argc, char **argv, char **envp) {
   (void)envp;
+  if (argc < 1) return;
+  const char *program = strrchr(argv[0], '/');
+  /* Not in setpriv, which the launcher puts in front of tritonserver: it passes all on to it. */
+  if (strcmp(program != NULL ? program + 1 : argv[0], "setpriv") == 0) return;
   const char *used[64];
   int n_used = 0;
   for (int i = 1; i < argc; i++) {

@@ -11,13 +11,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -33,7 +36,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from export.triton_config import parse_pbtxt
-from serve.children import die_with_parent
+from serve.children import spawn
 from serve.control import INFERENCE_KEY_HEADER, Lock, grpc_headers, http_headers, resolve_key, secret_args_library
 from serve.endpoints import (
     CONTROL_KEY_ENV,
@@ -58,6 +61,97 @@ _ERROR_LINE = re.compile(r"^(E\d{4} |error: |Error: )")
 # bound what the HTTP threads hold, so memory returns after bursts of camera photos (measured, with the
 # price: docs/performance.md#memory-after-bursts-of-camera-photos-the-malloc-settings).
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "262144", "MALLOC_TRIM_THRESHOLD_": "1048576"}
+
+
+# The python backend's shared-memory regions (a /dev/shm file per stub, 1 MiB and growing with the largest
+# batch) outlive a tritonserver that is killed (SIGKILL, abort, the OOM killer). Each run names its own
+# (docs/operations.md#shared-memory-left-behind): removed by their owner once Triton has exited, and by a
+# later start when the run's lock is free, which proves that no process of that run is left.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "threegnet_triton_"
+SHM_PREFIX_OPTION = "shm-region-prefix-name="
+_SHM_LOCK = re.compile(rf"^({SHM_PREFIX}\d+_[0-9a-f]+_)lock$")
+
+
+class ShmRegions:
+    """One server run's regions: ``PREFIX<owner pid>_<random>_<Triton's uuid>``, and the run's lock file
+    ``PREFIX<owner pid>_<random>_lock``, flock-ed here and inherited by tritonserver (``fd``), so that it
+    is held while the owner, tritonserver or a stub runs. An flock is the kernel's: it holds across pid
+    namespaces and containers sharing /dev/shm, where a pid in a name would prove nothing."""
+
+    def __init__(self, directory: Path = SHM_DIR) -> None:
+        self.directory = directory
+        self.prefix = f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
+        self.fd: int | None = None
+        staged = directory / f"{self.prefix}lock.new"  # renamed once locked: no sweep sees it unlocked
+        try:
+            fd = os.open(staged, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return  # no lock (an unwritable /dev/shm fails Triton's own start anyway): the owner alone cleans
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(staged, directory / f"{self.prefix}lock")
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                staged.unlink()
+            return
+        self.fd = fd
+
+    def remove(self) -> None:
+        """After Triton has exited: the regions, then the lock."""
+        _remove_run(self.directory, self.prefix)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _remove_run(directory: Path, prefix: str) -> tuple[int, int]:
+    """Unlink a run's regions of this user, its lock last; (regions, bytes) freed. A process that still
+    maps a region keeps its pages until it unmaps them."""
+    count = freed = 0
+    paths = sorted(directory.glob(f"{prefix}*"), key=lambda path: path.name == f"{prefix}lock")
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                path.unlink()
+                count, freed = count + (path.name != f"{prefix}lock"), freed + st.st_blocks * 512
+    return count, freed
+
+
+def remove_stale_regions(directory: Path = SHM_DIR) -> tuple[int, int]:
+    """Remove the regions of runs that are over: those whose lock file (this user's) nobody holds any
+    more. A run whose lock is held (a tritonserver still draining after its owner died included),
+    another user's, a region without a lock, and Triton's default names are left alone. (regions, bytes)."""
+    count = freed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0, 0
+    for name in names:
+        if (m := _SHM_LOCK.match(name)) is None:
+            continue
+        try:
+            fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and _try_lock(fd):
+                run_count, run_freed = _remove_run(directory, m[1])
+                count, freed = count + run_count, freed + run_freed
+        finally:
+            os.close(fd)
+    return count, freed
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: a process of that run is alive
+        return False
+    return True
 
 
 class ServerError(RuntimeError):
@@ -203,6 +297,7 @@ class TritonServer(Addresses):
         grpc_tls: GrpcTls | None = None,
         public: tuple[str, ...] = (),
         supervisor_metrics_port: int | None = None,
+        pins: Path | None = None,
     ) -> None:
         # Object storage (s3://, gs://, as://) is read by Triton itself: nothing to check or shadow here.
         self.remote = "://" in str(model_repository)
@@ -227,6 +322,7 @@ class TritonServer(Addresses):
         self.lock = Lock(control_key, inference_key, public)
         self.grpc_tls = grpc_tls
         self.supervisor_metrics_port = supervisor_metrics_port  # None: not served (serve/metrics.py)
+        self.pins = pins  # this server's version pins (serve/supervisor.py): a canary's
         self._metrics_server: MetricsServer | None = None
         self.secrets_hidden = True  # False when no secret_args library could be had (see serve/control.py)
         self.supervisor: Supervisor | None = None
@@ -237,6 +333,7 @@ class TritonServer(Addresses):
         self._workdir: tempfile.TemporaryDirectory | None = None
         self.shadow: Path | None = None  # what Triton reads: verified versions, stand-in configs (serve/standin.py)
         self._reader: threading.Thread | None = None
+        self.shm: ShmRegions | None = None  # this run's python-backend regions; None: the caller names them
 
     @classmethod
     def on_free_ports(cls, model_repository: str | os.PathLike, **kwargs) -> TritonServer:
@@ -334,6 +431,7 @@ class TritonServer(Addresses):
             # Latency quantiles on: p99 is a query (docs/monitoring.md), not a guess.
             *([] if self._user_flag("--metrics-config") else ["--metrics-config", "summary_latencies=true"]),
             "--exit-timeout-secs", str(self.exit_timeout),
+            *([f"--backend-config=python,{SHM_PREFIX_OPTION}{self.shm.prefix}"] if self.shm else []),
             *control,
             *lock,
             *tls,
@@ -369,18 +467,25 @@ class TritonServer(Addresses):
             if problem is not None:
                 raise ServerError(f"--host {self.host}: {problem}")
         self.binary = find_server(self.server_path)
+        self._sweep_regions()
+        # A prefix given after -- is the caller's: theirs to clean, so neither replaced nor removed here.
+        self.shm = None if any(SHM_PREFIX_OPTION in a for a in self.extra_args) else ShmRegions()
         self._workdir = tempfile.TemporaryDirectory(prefix="threegnet-triton-")
-        cmd = self._command()
-        self.process = subprocess.Popen(
+        try:
+            cmd = self._command()
+        except BaseException:
+            self._cleanup()
+            raise
+        self.process = spawn(
             cmd,
+            new_session=True,  # our own process group: signals reach the stubs too
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self._environment(),
-            start_new_session=True,  # our own process group: signals reach the stubs too
-            preexec_fn=die_with_parent,  # no server outlives its owner
             text=True,
             errors="replace",
+            pass_fds=(self.shm.fd,) if self.shm is not None and self.shm.fd is not None else (),  # the run's lock
         )
         if self.supervisor is not None:
             self.supervisor.server_pid = self.process.pid
@@ -476,6 +581,7 @@ class TritonServer(Addresses):
             log=self.log or (lambda line: self.lines.append(line)),
             headers=self.control_headers,
             infer_headers=infer_headers,
+            pins=self.pins,
         )
 
     def models(self) -> list[dict]:
@@ -523,7 +629,24 @@ class TritonServer(Addresses):
         self._cleanup()
         return self.process.returncode
 
+    @property
+    def shm_prefix(self) -> str | None:
+        """The name prefix of this run's python-backend regions in /dev/shm (None: the caller's own)."""
+        return self.shm.prefix if self.shm is not None else None
+
+    def _sweep_regions(self) -> None:
+        """Remove what runs that are over left in /dev/shm (see :func:`remove_stale_regions`)."""
+        count, freed = remove_stale_regions()
+        if count:
+            (self.log or self.lines.append)(
+                f"[launcher] removed {count} shared-memory regions ({freed / (1 << 20):.0f} MiB) "
+                f"left in {SHM_DIR} by servers that are gone"
+            )
+
     def _cleanup(self) -> None:
+        """After Triton has exited, however it exited: its work dir and its shared-memory regions."""
+        if self.shm is not None and (self.process is None or self.process.poll() is not None):
+            self.shm.remove()
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None

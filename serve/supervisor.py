@@ -30,6 +30,11 @@ with the operators' key (serve/control.py):
   among the remaining versions (``latest:1``: the newest verified one). The same
   happens at startup (:meth:`prepare`): Triton's shadow of the repository holds only the
   verified versions (also later: an ensemble's load reloads the models under it from disk).
+* **Version pins (canaries).** ``pins``, a file of ``MODEL VERSION`` lines read on every poll,
+  overrides the ``version_policy`` of those models on this server alone: replicas sharing one
+  repository can serve different versions (a canary serves the candidate, the others what the
+  shared config says) without a copy of the repository or a restart. An empty or missing file
+  pins nothing. A pinned version is verified like any other.
 """
 
 from __future__ import annotations
@@ -127,8 +132,10 @@ class Supervisor(threading.Thread):
         log: Callable[[str], None] = print,
         headers: dict[str, str] | None = None,
         infer_headers: dict[str, str] | None = None,
+        pins: Path | None = None,
     ) -> None:
         super().__init__(name="triton-supervisor", daemon=True)
+        self.pins_file = pins
         self.http_url, self.server_pid = http_url, server_pid
         self.headers = headers  # the operators' key: the repository API is locked without it
         self._client: httpclient.InferenceServerClient | None = None
@@ -137,7 +144,7 @@ class Supervisor(threading.Thread):
         self.log = log
         self._stop_event = threading.Event()
         self._known: dict[int, str] = {}  # live stub pid -> model
-        self._served = {d.name: fingerprint(d) for d in model_dirs(repository)} if repository else {}
+        self._served = {d.name: self._fingerprint(d) for d in model_dirs(repository)} if repository else {}
         self._pending: dict[str, tuple] = {}
         self._next_poll = time.monotonic() + poll_secs
         self.heals = 0  # how many reloads healed a model (tests and logs read it)
@@ -152,6 +159,15 @@ class Supervisor(threading.Thread):
         self._checked: dict[tuple[str, int], tuple[tuple, str | None]] = {}  # (model, version) -> (files, reason)
         self.rejected = 0  # versions refused, at whatever stage (tests and logs read it)
         self.rejections: list[tuple[str, int, str]] = []  # (model, version, why), in order
+
+    def pins(self) -> dict[str, int]:
+        """model -> the version this server is pinned to (``pins``), overriding the config's policy."""
+        return read_pins(self.pins_file) if self.pins_file is not None else {}
+
+    def _fingerprint(self, model_dir: Path) -> tuple:
+        """The model folder's files and this server's pin of the model: a new pin is a rollout too."""
+        pin = self.pins().get(model_dir.name)
+        return fingerprint(model_dir) + ((("pin", pin),) if pin is not None else ())
 
     def models(self) -> list[str]:
         """The models of the repository it follows (none for a remote one)."""
@@ -277,7 +293,7 @@ class Supervisor(threading.Thread):
     def _check_repository(self) -> None:
         if self.repository is None:
             return
-        current = {d.name: fingerprint(d) for d in model_dirs(self.repository)}
+        current = {d.name: self._fingerprint(d) for d in model_dirs(self.repository)}
         changed = [name for name, fp in current.items() if self._served.get(name) != fp]
         ready = []
         for name in changed:
@@ -425,6 +441,8 @@ class Supervisor(threading.Thread):
         cfg = parse_pbtxt((model_dir / "config.pbtxt").read_text())
         on_disk = versions(model_dir)
         policy = cfg.version_policy
+        if (pin := self.pins().get(name)) is not None:
+            policy = mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[pin]))
         which = policy.WhichOneof("policy_choice")
         if which == "specific":
             order, wanted = [v for v in sorted(set(policy.specific.versions)) if v in on_disk], len(on_disk)
@@ -527,6 +545,21 @@ class Supervisor(threading.Thread):
             (str(m.get("version")) for m in self._index() if m.get("name") == name and m.get("state") == "READY"),
             key=lambda v: int(v) if v.isdigit() else -1,
         )
+
+
+def read_pins(path: Path) -> dict[str, int]:
+    """A pins file: ``MODEL VERSION`` per line, ``#`` comments; missing or empty: no pin (and a line that
+    is not of that form pins nothing)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    pins = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) == 2 and fields[1].isdigit():
+            pins[fields[0]] = int(fields[1])
+    return pins
 
 
 def _is_ensemble(model_dir: Path) -> bool:

@@ -28,9 +28,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python serve/versions.py` from anywhere
-
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 

@@ -10,7 +10,6 @@ them twice. Measured numbers: docs/performance.md#8-hostile-requests-and-memory-
 from __future__ import annotations
 
 import contextlib
-import http.client
 import importlib.util
 import io
 import json
@@ -26,15 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT, decoder_regressions, format_seeds, good_png, infer, infer_body, mutations, post, thin_png
 from photos import scene
 from PIL import Image
-from test_preprocessing import _mutations, _regressions, _seeds, thin_png
 
 from export.triton_config import parse_pbtxt
 from serve.server import TritonServer, free_port
 
-MODEL = "threegnet_image"
 MIB = 1 << 20
 
 
@@ -92,12 +89,6 @@ def preprocess_model(monkeypatch):
     return model, module, pb_utils
 
 
-def good_png(seed: int = 0, size: tuple[int, int] = (120, 90)) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(scene(*size, seed=seed)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _assert_clean(message: str) -> None:
     """One line for the client: no traceback, no file of the server's."""
     assert "\n" not in message and "Traceback" not in message, message
@@ -109,7 +100,7 @@ def test_each_request_of_a_batch_gets_its_own_answer(preprocess_model, monkeypat
     expected, batched between good requests: the good ones get their tensors, each bad one its own
     one-line error; nothing escapes ``execute`` (which would fail the whole batch)."""
     model, module, pb_utils = preprocess_model
-    bad = dict(_regressions())
+    bad = dict(decoder_regressions())
     bad["thin"] = thin_png(8, 100_000)
     bad["one bad image of two"] = [good_png(), b"junk"]
     batch, names = [], []
@@ -198,47 +189,6 @@ class Peak(threading.Thread):
         return self.peak
 
 
-def infer_body(blob: bytes) -> tuple[bytes, int]:
-    """A KServe v2 request with the image as binary data (what tritonclient sends): body, header length."""
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image_bytes",
-                    "shape": [1, 1],
-                    "datatype": "BYTES",
-                    "parameters": {"binary_data_size": 4 + len(blob)},
-                }
-            ]
-        }
-    ).encode()
-    return header + len(blob).to_bytes(4, "little") + blob, len(header)
-
-
-def post(
-    server: TritonServer,
-    body: bytes | Iterator[bytes],
-    headers: dict[str, str],
-    timeout: float = 120,
-) -> tuple[int, str]:
-    """One HTTP request on its own connection: (status, body text); (-1, why) if the connection broke."""
-    conn = http.client.HTTPConnection(server.host, server.http_port, timeout=timeout)
-    try:
-        conn.request("POST", f"/v2/models/{MODEL}/infer", body=body, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.read().decode(errors="replace")
-    except (OSError, http.client.HTTPException) as e:
-        return -1, f"{type(e).__name__}: {e}"
-    finally:
-        conn.close()
-
-
-def infer(server: TritonServer, blob: bytes, timeout: float = 120) -> tuple[int, str]:
-    body, header_length = infer_body(blob)
-    headers = {"Inference-Header-Content-Length": str(header_length), "Content-Type": "application/octet-stream"}
-    return post(server, body, headers, timeout)
-
-
 class GoodLoad(threading.Thread):
     """Ordinary requests one after another (small PNGs), each recorded as (status, seconds, text)."""
 
@@ -291,9 +241,9 @@ def test_malformed_images_fail_alone_while_good_requests_pass(server):
     sent among 120 good requests, 8 at a time so that they share batches: all 120 good ones answered,
     each bad one a 400 with its one-line reason, no backend process restarted."""
     processes = stub_pids(server)
-    bad = list(_regressions().values())
-    for fmt, seed in sorted(_seeds().items()):
-        bad += _mutations(seed, seed=len(fmt), count=12)[::4]
+    bad = list(decoder_regressions().values())
+    for fmt, seed in sorted(format_seeds().items()):
+        bad += mutations(seed, seed=len(fmt), count=12)[::4]
     good = [good_png(i % 5) for i in range(120)]
     work = [(True, g) for g in good] + [(False, b) for b in bad]
     np.random.default_rng(0).shuffle(work)
@@ -305,7 +255,7 @@ def test_malformed_images_fail_alone_while_good_requests_pass(server):
         if not ok and status != 200:  # a mutation may leave a decodable image
             assert status == 400, text
             _assert_clean(json.loads(text)["error"])
-    assert sum(1 for ok, status, _ in answers if not ok and status == 400) >= len(_regressions())
+    assert sum(1 for ok, status, _ in answers if not ok and status == 400) >= len(decoder_regressions())
     assert server.is_ready() and stub_pids(server) == processes
 
 
@@ -332,6 +282,49 @@ def test_thin_images_are_refused_at_once_and_nobody_waits(server):
     assert good and all(status == 200 for status, _, _ in good), [r for r in good if r[0] != 200][:3]
     assert top["pss_mb"] - idle["pss_mb"] < 150, (idle, top)
     assert server.is_ready()
+
+
+def _binary_request(blob: bytes, size: int, outputs: list[dict] | None = None) -> tuple[bytes, dict[str, str]]:
+    """A binary-data request whose header says ``size`` bytes (what tritonclient sends, made wrong at will)."""
+    header = {"inputs": [{"name": "image_bytes", "shape": [1, 1], "datatype": "BYTES",
+                          "parameters": {"binary_data_size": size}}]}  # fmt: skip
+    if outputs is not None:
+        header["outputs"] = outputs
+    text = json.dumps(header).encode()
+    return text + len(blob).to_bytes(4, "little") + blob, {"Inference-Header-Content-Length": str(len(text))}
+
+
+def _json_request(image_input: dict) -> tuple[bytes, dict[str, str]]:
+    return json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", **image_input}]}).encode(), {}
+
+
+# Client mistakes that Triton 2.51's HTTP front end answers with 500, not 400: it fails to read the request
+# before any model sees it (docs/security.md#client-mistakes-triton-answers-with-500).
+TRITON_500S = {
+    "negative binary_data_size": lambda png: _binary_request(png, -5),
+    "classification -1": lambda png: _binary_request(
+        png, 4 + len(png), [{"name": "probabilities", "parameters": {"classification": -1}}]
+    ),
+    "data an object": lambda png: _json_request({"shape": [1, 1], "data": {"image": "x"}}),
+    "BYTES data not strings": lambda png: _json_request({"shape": [1, 1], "data": [1]}),
+    "shape not an array": lambda png: _json_request({"shape": "1,1", "data": ["x"]}),
+    "body not JSON": lambda png: (b"{{{ not json", {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", list(TRITON_500S))
+def test_client_mistakes_triton_answers_with_500_harm_nobody(server, mistake):
+    """Triton's own parsing answers these with 500 (its error, not ours: the request never reaches a
+    model); the answer is a one-line message without a traceback or a path, and the server goes on."""
+    png = good_png()
+    body, headers = TRITON_500S[mistake](png)
+    status, text = post(server, body, {"Content-Type": "application/octet-stream", **headers})
+    assert status == 500, f"Triton now answers {status}: update docs/security.md ({text})"
+    message = json.loads(text)["error"]
+    assert message, text
+    _assert_clean(message)
+    assert infer(server, png)[0] == 200 and server.is_ready()
 
 
 def camera_jpeg() -> bytes:

@@ -58,9 +58,11 @@ class TritonPythonModel:
         names = [n for n in self.outputs if n in wanted]
         try:
             results = self.session.run(names, {name: np.concatenate(arrays) for name, arrays in feeds.items()})
-        except Exception as e:  # one bad batch must not take the model down
-            error = pb_utils.TritonError(f"onnxruntime: {e}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        except Exception as e:  # one bad batch must not take the model down: it fails, the model serves on
+            # Raised, not returned as error responses: Triton 2.51's python backend counts error responses as
+            # successes (nv_inference_request_failure stays 0: no alert and no canary sees them), and error
+            # responses sharing one TritonError crashed tritonserver (SIGSEGV) under concurrent load.
+            raise pb_utils.TritonModelException(f"onnxruntime: {e}") from None
         responses, start = [], 0
         for request, size in zip(requests, sizes, strict=False):
             asked = set(request.requested_output_names() or self.outputs)
