@@ -19,11 +19,14 @@ when a replica dies, as in the cluster (docs/deploy.md):
 * This fleet restarts a replica whose launcher exited (Triton died): Kubernetes'
   ``restartPolicy``. ``rolling_restart`` drains each replica in HAProxy before stopping it,
   as the Service's endpoint removal and the pod's ``preStop`` do.
+* Each replica has its own version pins file (``--version-pins``), empty unless
+  ``deploy/canary.py`` makes the replica a canary; ``fleet.json`` in the fleet's folder tells
+  that tool where everything is.
 
 With ``--prometheus`` (on in ``make fleet``) Debian's ``prometheus`` (``make prometheus``) runs beside it on
-a loopback port, scraping every replica's metrics port each second and evaluating the fleet's alert
-rules (``deploy/kubernetes/monitoring/rules.yml``): what the cluster's Prometheus does with the
-ServiceMonitor and the PrometheusRule (docs/monitoring.md). The replicas then report latency
+a loopback port, scraping every replica's metrics ports (Triton's and the launcher's) each second and
+evaluating the fleet's alert rules (``deploy/kubernetes/monitoring/rules.yml``): what the cluster's
+Prometheus does with the ServiceMonitor and the PrometheusRule (docs/monitoring.md). The replicas then report latency
 quantiles too (Triton's ``--metrics-config summary_latencies=true``).
 
 Locked as the cluster is (docs/security.md): the replicas share one operators' key (from
@@ -54,13 +57,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from serve.children import Stopped, raise_on_stop_signals, spawn, stop  # noqa: E402
-from serve.control import ControlKeyError, grpc_headers, http_headers, resolve_key  # noqa: E402
-from serve.endpoints import (  # noqa: E402
+from serve.children import NotAnswering, Stopped, raise_on_stop_signals, spawn, stop, wait_http_ok
+from serve.control import ControlKeyError, grpc_headers, http_headers, resolve_key
+from serve.endpoints import (
     CONTROL_KEY_ENV,
     DATA_PLANE_GRPC_METHODS,
     MAX_REQUEST_MB,
@@ -70,7 +69,9 @@ from serve.endpoints import (  # noqa: E402
     UPSTREAM_TIMEOUT_S,
     Addresses,
 )
-from serve.server import free_port  # noqa: E402
+from serve.server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHECK_INTERVAL_MS = 500
 # A health check with no answer after this long fails (a frozen replica accepts the connection and says
@@ -193,33 +194,33 @@ class Replica:
 
     control_key: str = ""  # the fleet's operators' key, handed over in the environment (never on a command line)
 
+    @property
+    def pins(self) -> Path:
+        """This replica's version pins (``serve/launch.py --version-pins``): what makes it a canary."""
+        return self.log_dir / f"{self.name}.pins"
+
     def start(self) -> None:
         cmd = [sys.executable, str(ROOT / "serve" / "launch.py"), "--model-repository", str(self.repository),
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--metrics-port", str(self.metrics_port), "--supervisor-metrics-port", str(self.supervisor_metrics_port),
-               "--exit-timeout", "10"]  # fmt: skip
+               "--exit-timeout", "10", "--version-pins", str(self.pins)]  # fmt: skip
         if self.triton_args:
             cmd += ["--", *self.triton_args]
         self.starts += 1
         with (self.log_dir / f"{self.name}.log").open("a") as log:
+            log.write(f"[fleet] start {self.starts} of replica {self.name}\n")
+            log.flush()
             env = {**os.environ, CONTROL_KEY_ENV: self.control_key}
             env.pop("THREEGNET_CONTROL_KEY_FILE", None)  # the fleet's key, whatever the caller's environment says
             self.process = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
 
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{READY_PATH}", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
     def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready():
-            if self.process is None or self.process.poll() is not None or time.monotonic() > deadline:
-                log = (self.log_dir / f"{self.name}.log").read_text()[-2000:]
-                raise FleetError(f"replica {self.name} did not get ready:\n{log}")
-            time.sleep(0.25)
+        assert self.process is not None, "start() first"
+        try:
+            wait_http_ok(f"http://127.0.0.1:{self.http_port}{READY_PATH}", self.process, timeout, poll=0.25)
+        except NotAnswering as e:
+            log = (self.log_dir / f"{self.name}.log").read_text()[-2000:]
+            raise FleetError(f"replica {self.name} did not get ready ({e}):\n{log}") from None
 
     def triton_pid(self) -> int | None:
         """The ``tritonserver`` process this replica's launcher runs."""
@@ -307,9 +308,14 @@ class Fleet(Addresses):
         return f"http://127.0.0.1:{self.prometheus_port}" if self.prometheus_port else None
 
     def prometheus_config(self) -> str:
-        """Scrape every replica's metrics port, labelled with its name; load the fleet's alert rules."""
-        # Triton's metrics, one target per replica (the launcher's own port is scraped in the cluster).
-        targets = [{"targets": [f"127.0.0.1:{r.metrics_port}"], "labels": {"replica": r.name}} for r in self.replicas]
+        """Scrape every replica's two metrics ports as the cluster's ServiceMonitor does (one job, an
+        ``endpoint`` label naming the Service's port: Triton's ``metrics``, the launcher's
+        ``supervisor``), labelled with the replica's name; load the fleet's alert rules."""
+        targets = [
+            {"targets": [f"127.0.0.1:{port}"], "labels": {"replica": r.name, "endpoint": endpoint}}
+            for r in self.replicas
+            for endpoint, port in (("metrics", r.metrics_port), ("supervisor", r.supervisor_metrics_port))
+        ]
         config = {
             "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "scrape_timeout": f"{SCRAPE_INTERVAL_S}s",
                        "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
@@ -337,18 +343,11 @@ class Fleet(Addresses):
                f"--web.listen-address=127.0.0.1:{self.prometheus_port}", "--log.level=warn"]  # fmt: skip
         with (self.work / "prometheus.log").open("w") as log:
             self.prometheus_process = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.prometheus_url}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.prometheus_process.poll() is not None or time.monotonic() > deadline:
-                log = (self.work / "prometheus.log").read_text()[-2000:]
-                raise FleetError(f"prometheus did not come up:\n{log}")
-            time.sleep(0.2)
+        try:
+            wait_http_ok(f"{self.prometheus_url}/-/ready", self.prometheus_process, 30, poll=0.2)
+        except NotAnswering as e:
+            log = (self.work / "prometheus.log").read_text()[-2000:]
+            raise FleetError(f"prometheus did not come up ({e}):\n{log}") from None
 
     @property
     def control_headers(self) -> dict[str, str]:
@@ -379,7 +378,23 @@ class Fleet(Addresses):
         if self.prometheus:
             self._start_prometheus()
         self._watcher.start()
+        self.description.write_text(json.dumps(self.describe(), indent=1))
         return self
+
+    @property
+    def description(self) -> Path:
+        """Where a running fleet describes itself for ``deploy/canary.py --fleet`` (no key in it)."""
+        return self.work / "fleet.json"
+
+    def describe(self) -> dict:
+        """The repository, HAProxy's runtime API and each replica's ports and pins file."""
+        return {
+            "repository": str(self.repository.resolve()),
+            "haproxy_socket": str(self.socket),
+            "backends": ["triton_http", "triton_grpc"],
+            "replicas": [{"name": r.name, "http_port": r.http_port, "metrics_port": r.metrics_port,
+                          "pins": str(r.pins)} for r in self.replicas],
+        }  # fmt: skip
 
     def _stats(self, column: str) -> dict[tuple[str, str], str]:
         """(backend, replica) -> one column of HAProxy's stats CSV."""
@@ -419,18 +434,28 @@ class Fleet(Addresses):
                     r.start()
                     self.restarts += 1
 
-    def rolling_restart(self, wait_up: float = 180) -> None:
+    def rolling_restart(self, wait_up: float = 180, attempts: int = 2) -> None:
         """Restart the replicas one by one: drain in HAProxy, wait for its sessions to end, stop,
-        start, wait until HAProxy has it UP again, then the next."""
+        start, wait until HAProxy has it UP again, then the next. A start that does not get ready is
+        killed and tried again (a liveness probe's job), ``attempts`` times in all; whatever happens,
+        the replica goes back under HAProxy's health checks rather than staying drained."""
         for r in self.replicas:
             self._held.add(r.name)
             try:
                 for backend in ("triton_http", "triton_grpc"):
                     self.admin(f"set server {backend}/{r.name} state drain")
                 time.sleep(2 * CHECK_INTERVAL_MS / 1000)  # let requests already sent to it finish
-                r.stop()
-                r.start()
-                r.wait_ready()
+                for attempt in range(1, attempts + 1):
+                    r.stop()
+                    r.start()
+                    try:
+                        r.wait_ready()
+                        break
+                    except FleetError as e:
+                        print(f"[fleet] {e}", file=sys.stderr)
+                        if attempt == attempts:
+                            r.stop(grace=5)  # the watcher starts it again
+                            raise
                 for backend in ("triton_http", "triton_grpc"):
                     self.admin(f"set server {backend}/{r.name} state ready")
                 deadline = time.monotonic() + wait_up
@@ -439,6 +464,9 @@ class Fleet(Addresses):
                         raise FleetError(f"replica {r.name} did not rejoin: {self.states()}")
                     time.sleep(0.2)
             finally:
+                for backend in ("triton_http", "triton_grpc"):
+                    with contextlib.suppress(OSError):
+                        self.admin(f"set server {backend}/{r.name} state ready")
                 self._held.discard(r.name)
 
     def stop(self) -> None:
@@ -505,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"fleet of {args.replicas} replicas behind HAProxy:\n"
                 f"  {scheme.upper():5}  {scheme}://{fleet.http_url}\n  gRPC   {fleet.grpc_url}"
                 f"{' (TLS)' if tls else ''}\n  stats  http://{fleet.host}:{fleet.stats_port}/\n{monitoring}"
+                f"  canary python deploy/canary.py --fleet {fleet.work} watch --version N  (docs/deploy.md)\n"
                 f"Only the data plane passes the load balancer; the replicas' control plane wants the operators' "
                 f"key ({origin}).\nCtrl-C to stop.",
                 file=sys.stderr,

@@ -3,7 +3,8 @@
 A small 3G-Net is trained on the built-in textures (as tests/test_train.py does), exported and served
 by a real Triton whose model configs are public; it is evaluated on its own held-out images. The
 tensor path must score exactly what onnxruntime scores on the same crops, and so must the bytes path:
-the images are small PNGs and JPEGs, which the server's fast decoding decodes at full scale.
+the images are small PNGs and JPEGs, which the server's fast decoding decodes at full scale. onnxruntime
+in turn ranks every crop as the checkpoint does in PyTorch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from PIL import Image
 
 from client import predict
@@ -71,6 +72,26 @@ def expected_scores(trained: dict) -> dict[str, float]:
         "top1": round(100.0 * float(np.mean(top5[:, 0] == truth)), 4),
         "top5": round(100.0 * float(np.mean((top5 == truth[:, None]).any(axis=1))), 4),
     }
+
+
+def test_onnxruntime_and_pytorch_rank_every_held_out_crop_alike(trained):
+    """The reference above is the checkpoint's own computation: PyTorch, on the same uint8 crops, ranks
+    each image's top class as the exported graph does (near-ties of under 1e-4 aside)."""
+    from export.serving_model import ServingModel
+    from training.checkpoint import load_model
+
+    pp = Preprocessing(resize=36, crop=32)
+    files = sorted(p for p in trained["val"].rglob("*") if p.suffix in IMAGE_SUFFIXES)
+    crops = np.stack([load_and_preprocess(p, pp) for p in files])
+    with torch.no_grad():
+        reference = ServingModel(load_model(trained["checkpoint"]).model, pp)(torch.from_numpy(crops))[0].numpy()
+    session = ort.InferenceSession(str(trained["repo"] / "threegnet" / "1" / "model.onnx"))
+    (exported,) = session.run(["probabilities"], {"image": crops})
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-4
+    assert clear.sum() >= len(files) - 2, "too many near-ties to compare"
+    assert (reference.argmax(1) == exported.argmax(1))[clear].all()
+    np.testing.assert_allclose(exported, reference, atol=1e-4)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
