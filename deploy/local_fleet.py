@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,8 +282,9 @@ class Fleet(Addresses):
         def servers(port: str, h2: bool) -> str:
             lines = []
             for r in self.replicas:
-                # gRPC over HTTP/2 to the replica; its health checked over HTTP/1.1 on its HTTP port.
-                extra = f" proto h2 check port {r.http_port} check-proto h1" if h2 else " check"
+                # Readiness from the launcher's own port (serve/readiness.py), over HTTP/1.1 for gRPC too.
+                check = f" check port {r.supervisor_metrics_port}"
+                extra = f" proto h2{check} check-proto h1" if h2 else check
                 lines.append(f"    server {r.name} 127.0.0.1:{getattr(r, port)}{extra}")
             return "\n".join(lines)
 
@@ -433,6 +435,16 @@ class Fleet(Addresses):
                     print(f"[fleet] replica {r.name} exited ({r.process.returncode}); restarting it", file=sys.stderr)
                     r.start()
                     self.restarts += 1
+
+    @contextlib.contextmanager
+    def held(self, name: str) -> Iterator[None]:
+        """The watcher leaves replica ``name`` alone meanwhile: a replica that exits stays down (what a
+        crash-looping pod's back-off looks like), until the block ends and the watcher restarts it."""
+        self._held.add(name)
+        try:
+            yield
+        finally:
+            self._held.discard(name)
 
     def rolling_restart(self, wait_up: float = 180, attempts: int = 2) -> None:
         """Restart the replicas one by one: drain in HAProxy, wait for its sessions to end, stop,

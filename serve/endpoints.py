@@ -5,7 +5,7 @@ rehearsal (deploy/local_fleet.py) all read these."""
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
-SUPERVISOR_METRICS_PORT = 8003  # the launcher's own metrics: heals, rollouts, refused versions (serve/metrics.py)
+SUPERVISOR_METRICS_PORT = 8003  # the launcher's own: its readiness (serve/readiness.py) and metrics (serve/metrics.py)
 LIVE_PATH = "/v2/health/live"  # 200 while the process runs
 READY_PATH = "/v2/health/ready"  # 200 only while every loaded model can answer (see README "Operating it")
 METRICS_PATH = "/metrics"

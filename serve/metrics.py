@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
+
+from serve.endpoints import METRICS_PATH, READY_PATH
 
 if TYPE_CHECKING:
     from serve.supervisor import Supervisor
@@ -40,12 +43,15 @@ def exposition(supervisor: Supervisor) -> str:
 
 
 class MetricsServer(ThreadingHTTPServer):
-    """``GET /metrics`` on ``host:port`` in a daemon thread, until :meth:`close`."""
+    """``GET /metrics`` on ``host:port`` in a daemon thread, until :meth:`close`; and ``GET
+    /v2/health/ready`` with ``ready()``'s answer (serve/readiness.py), when given."""
 
     daemon_threads = True
 
-    def __init__(self, supervisor: Supervisor, host: str, port: int) -> None:
-        self.supervisor = supervisor
+    def __init__(
+        self, supervisor: Supervisor, host: str, port: int, ready: Callable[[], tuple[bool, str]] | None = None
+    ) -> None:
+        self.supervisor, self.ready = supervisor, ready
         super().__init__((host, port), _Handler)
         self.thread = threading.Thread(target=self.serve_forever, name="supervisor-metrics", daemon=True)
         self.thread.start()
@@ -59,12 +65,19 @@ class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
 
     def do_GET(self) -> None:
-        if self.path.split("?")[0] != "/metrics":
+        path = self.path.split("?")[0]
+        if path == READY_PATH and self.server.ready is not None:
+            ready, why = self.server.ready()
+            self._answer(200 if ready else 503, why + "\n", "text/plain; charset=utf-8")
+        elif path == METRICS_PATH:
+            self._answer(200, exposition(self.server.supervisor), "text/plain; version=0.0.4; charset=utf-8")
+        else:
             self.send_error(404)
-            return
-        body = exposition(self.server.supervisor).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+
+    def _answer(self, status: int, text: str, content_type: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

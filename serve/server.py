@@ -50,6 +50,7 @@ from serve.endpoints import (
     Addresses,
 )
 from serve.metrics import MetricsServer
+from serve.readiness import readiness
 from serve.standin import build_shadow_repository, model_dirs
 from serve.supervisor import Supervisor
 
@@ -322,7 +323,7 @@ class TritonServer(Addresses):
         self.lock = Lock(control_key, inference_key, public)
         self.grpc_tls = grpc_tls
         self.supervisor_metrics_port = supervisor_metrics_port  # None: not served (serve/metrics.py)
-        self.pins = pins  # this server's version pins (serve/supervisor.py): a canary's
+        self.pins = pins  # this server's version pins (serve/rollouts.py): a canary's
         self._metrics_server: MetricsServer | None = None
         self.secrets_hidden = True  # False when no secret_args library could be had (see serve/control.py)
         self.supervisor: Supervisor | None = None
@@ -407,7 +408,7 @@ class TritonServer(Addresses):
                 repository, self.shadow, gpu=gpu_present(), verified=supervised, standin=not self.binary.has_onnxruntime
             )
             repository = self.shadow
-            if supervised:  # only verified versions in the shadow before Triton loads it (serve/supervisor.py)
+            if supervised:  # only verified versions in the shadow before Triton loads it (serve/rollouts.py)
                 self.supervisor = self._make_supervisor()
                 if errors := self.supervisor.prepare():
                     raise ServerError("\n  ".join(errors))
@@ -560,7 +561,11 @@ class TritonServer(Addresses):
             self.supervisor.start()
         if self.supervisor_metrics_port is not None and self._metrics_server is None:
             try:
-                self._metrics_server = MetricsServer(self.supervisor, self.host, self.supervisor_metrics_port)
+                supervisor = self.supervisor
+                self._metrics_server = MetricsServer(
+                    supervisor, self.host, self.supervisor_metrics_port,
+                    ready=lambda: readiness(self.http_url, supervisor.models, self.control_headers),
+                )  # fmt: skip
             except OSError as e:
                 self.stop()
                 raise ServerError(f"supervisor metrics port {self.supervisor_metrics_port}: {e.strerror}") from None

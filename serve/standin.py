@@ -12,7 +12,7 @@ onnxruntime backend (the configs then stay as they are): the shadow of an ONNX m
 holds only the versions the supervisor verified, with a ``specific`` policy naming
 them, because Triton reads configs from disk on loads the supervisor does not make
 with a config (loading an ensemble reloads the models under it as their files say),
-and a version Triton fails to load leaves the server not ready (serve/supervisor.py).
+and a version Triton fails to load leaves the server not ready (serve/rollouts.py).
 """
 
 from __future__ import annotations

@@ -2,118 +2,27 @@
 
 Triton runs with ``--model-control-mode=explicit``; this thread, beside it in the
 launcher, uses Triton's own repository API (load, unload, index) through ``tritonclient``,
-with the operators' key (serve/control.py):
-
-* **Self-healing.** A python-backend model runs in stub processes (children of
-  ``tritonserver``). When one dies (SIGKILL, segfault, the OOM killer), Triton 2.51
-  neither restarts it nor stops calling the model ready (docs/operations.md). The supervisor
-  sees the stub vanish within ``HEAL_TICK`` seconds, unloads the model (from then on
-  the model's and, through the ensemble that needs it, the server's readiness are
-  not 200, and requests fail at once with "unknown model") and loads it again.
-* **Rollouts.** The model repository is polled every ``poll_secs``: a model folder
-  whose files changed (a new version exported, a config rewritten by
-  ``serve/versions.py``) and then stayed unchanged for one more poll is loaded again.
-  Triton loads the new version beside the old one, which answers until the new one
-  is ready: no request fails. Stand-in models get their shadow refreshed first.
-* **Only verified versions.** Triton keeps a version whose load failed in its index as
-  UNAVAILABLE with the failure as its reason, and its strict readiness is false while
-  any version of any model is neither READY nor "unloaded": one broken version made
-  the whole server not ready, for good, though the old version answered (later loads,
-  even of other versions, leave that state as it is). So Triton never picks versions
-  of an ONNX model by itself: the supervisor loads an explicit version list, a config
-  override with a ``specific`` policy, holding only versions that passed
-  ``serve/versions.py --check`` (complete per their completion record, labels present,
-  onnxruntime serves them under the config: in a child process, so a file that crashes
-  onnxruntime cannot crash the launcher) and then, loaded beside the serving version,
-  answered a smoke inference in Triton itself. A refused version is logged, counted
-  (``rejected``) and not tried again until its files change; the policy then picks
-  among the remaining versions (``latest:1``: the newest verified one). The same
-  happens at startup (:meth:`prepare`): Triton's shadow of the repository holds only the
-  verified versions (also later: an ensemble's load reloads the models under it from disk).
-* **Version pins (canaries).** ``pins``, a file of ``MODEL VERSION`` lines read on every poll,
-  overrides the ``version_policy`` of those models on this server alone: replicas sharing one
-  repository can serve different versions (a canary serves the candidate, the others what the
-  shared config says) without a copy of the repository or a restart. An empty or missing file
-  pins nothing. A pinned version is verified like any other.
+with the operators' key (serve/control.py, serve/triton_api.py). The HTTP client is not
+thread-safe, so this one thread makes every call: every ``HEAL_TICK`` seconds it heals the
+models whose backend processes died (serve/healing.py), then, every ``poll_secs``, rolls out
+what changed in the model repository, verified versions only, pins honoured (serve/rollouts.py).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import tritonclient.http as httpclient
-from google.protobuf import json_format, text_format
-from tritonclient.grpc import model_config_pb2 as mc
-from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from export.repository import COMPLETION_RECORD, versions
-from export.triton_config import parse_pbtxt
-from serve.endpoints import CONTROL_KEY_ENV, CONTROL_KEY_FILE_ENV
-from serve.standin import is_onnx_model, model_dirs, refresh_shadow_model, served_config
+from serve.healing import HEAL_TICK, BackendProcess, Healer, backend_processes
+from serve.rollouts import RepositoryFollower, fingerprint, read_pins
+from serve.triton_api import TritonAPI
 
-HEAL_TICK = 0.25  # seconds between looks at the backend processes
-STUB = "triton_python_backend_stub"
-VERSIONS_TOOL = Path(__file__).resolve().with_name("versions.py")
-CHECK_TIMEOUT_S = 300.0  # one version's check (onnxruntime loads and runs it once)
-CHECK_REJECTED = 3  # serve/versions.py --check's status for a refused version
-
-
-@dataclass(frozen=True)
-class BackendProcess:
-    pid: int
-    model: str
-    instance: str
-
-
-def backend_processes(server_pid: int) -> list[BackendProcess]:
-    """The live python-backend stub processes of the Triton server ``server_pid``, from /proc.
-
-    A stub's command line is ``STUB <repo>/<model>/<version>/model.py <shm> ... <instance> ...``.
-    """
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) != server_pid:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        if fields[0] not in "ZX" and args and args[0].endswith(STUB) and len(args) > 1:  # Z: dead, not reaped
-            instance = args[8] if len(args) > 8 else ""
-            found.append(BackendProcess(int(entry), Path(args[1]).parent.parent.name, instance))
-    return found
-
-
-def fingerprint(model_dir: Path) -> tuple:
-    """What a model folder holds: every file's path, size and modification time."""
-    rows = []
-    for root, dirs, files in os.walk(model_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            path = Path(root) / name
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            rows.append((str(path.relative_to(model_dir)), st.st_size, st.st_mtime_ns))
-    return tuple(rows)
+__all__ = ["HEAL_TICK", "BackendProcess", "Supervisor", "backend_processes", "fingerprint", "read_pins"]
 
 
 class Supervisor(threading.Thread):
@@ -135,104 +44,72 @@ class Supervisor(threading.Thread):
         pins: Path | None = None,
     ) -> None:
         super().__init__(name="triton-supervisor", daemon=True)
-        self.pins_file = pins
-        self.http_url, self.server_pid = http_url, server_pid
-        self.headers = headers  # the operators' key: the repository API is locked without it
-        self._client: httpclient.InferenceServerClient | None = None
-        self.repository, self.shadow, self.gpu, self.standin = repository, shadow, gpu, standin
         self.poll_secs, self.heal = poll_secs, heal
         self.log = log
         self._stop_event = threading.Event()
-        self._known: dict[int, str] = {}  # live stub pid -> model
-        self._served = {d.name: self._fingerprint(d) for d in model_dirs(repository)} if repository else {}
-        self._pending: dict[str, tuple] = {}
+        self.api = TritonAPI(http_url, headers)
+        self.follower = RepositoryFollower(self.api, repository, shadow, gpu, standin, log, infer_headers, pins)
+        self.healer = Healer(self.api, server_pid, self.follower.load, self._stop_event, log)
         self._next_poll = time.monotonic() + poll_secs
-        self.heals = 0  # how many reloads healed a model (tests and logs read it)
-        # (model, unloaded, serving again): time.monotonic() of each healed outage; between the
-        # two, Triton's readiness for the model (and the server's) is not 200.
-        self.outages: list[tuple[str, float, float]] = []
-        self.rollouts = 0
-        self.rolled_out: Counter[str] = Counter()  # rollouts per model (serve/metrics.py)
-        self.infer_headers = infer_headers  # the inference key, when the data plane is locked too (smoke inferences)
-        self.serving: dict[str, list[int]] = {}  # the versions loaded of each verified (ONNX) model
-        self._loaded_config: dict[str, str] = {}  # the config override each of those was loaded with
-        self._checked: dict[tuple[str, int], tuple[tuple, str | None]] = {}  # (model, version) -> (files, reason)
-        self.rejected = 0  # versions refused, at whatever stage (tests and logs read it)
-        self.rejections: list[tuple[str, int, str]] = []  # (model, version, why), in order
 
-    def pins(self) -> dict[str, int]:
-        """model -> the version this server is pinned to (``pins``), overriding the config's policy."""
-        return read_pins(self.pins_file) if self.pins_file is not None else {}
+    # -- the parts' state and operations, for the launcher, the metrics and the tests ------
+    @property
+    def server_pid(self) -> int:
+        return self.healer.server_pid
 
-    def _fingerprint(self, model_dir: Path) -> tuple:
-        """The model folder's files and this server's pin of the model: a new pin is a rollout too."""
-        pin = self.pins().get(model_dir.name)
-        return fingerprint(model_dir) + ((("pin", pin),) if pin is not None else ())
+    @server_pid.setter
+    def server_pid(self, pid: int) -> None:  # set once Triton runs (and again when it restarts)
+        self.healer.server_pid = pid
 
-    def models(self) -> list[str]:
-        """The models of the repository it follows (none for a remote one)."""
-        return list(self._served)
+    @property
+    def heals(self) -> int:
+        return self.healer.heals
 
-    # -- Triton's API --------------------------------------------------------------------
+    @property
+    def outages(self) -> list[tuple[str, float, float]]:
+        return self.healer.outages
+
+    @property
+    def rollouts(self) -> int:
+        return self.follower.rollouts
+
+    @property
+    def rolled_out(self) -> Counter[str]:
+        return self.follower.rolled_out
+
+    @property
+    def serving(self) -> dict[str, list[int]]:
+        return self.follower.serving
+
+    @property
+    def rejected(self) -> int:
+        return self.follower.rejected
+
+    @property
+    def rejections(self) -> list[tuple[str, int, str]]:
+        return self.follower.rejections
+
     @property
     def client(self) -> httpclient.InferenceServerClient:
-        if self._client is None:  # made in the supervising thread: the HTTP client is not thread-safe
-            self._client = httpclient.InferenceServerClient(self.http_url, network_timeout=600)
-        return self._client
+        return self.api.client
+
+    def models(self) -> list[str]:
+        return self.follower.models()
+
+    def pins(self) -> dict[str, int]:
+        return self.follower.pins()
+
+    def prepare(self) -> list[str]:
+        return self.follower.prepare()
+
+    def serve_verified(self, name: str) -> str | None:
+        return self.follower.serve_verified(name)
 
     def load(self, name: str, versions: list[int] | None = None) -> str | None:
-        """Load (or reload) ``name``; None when it worked, else Triton's error. A verified model is
-        loaded with exactly ``versions`` (default: those it serves), never what its policy picks."""
-        if versions is None:
-            versions = self.serving.get(name)
-        try:
-            config = None
-            if versions is not None:
-                config = self._override(name, versions)
-                if self.shadow is not None and self.repository is not None:  # what Triton reads from disk agrees
-                    refresh_shadow_model(self.repository / name, self.shadow, self.gpu, versions, self.standin)
-            self.client.load_model(name, headers=self.headers, config=config)
-        except InferenceServerException as e:
-            return e.message() or str(e)
-        except (OSError, text_format.ParseError) as e:  # the model's config.pbtxt
-            return f"cannot read its config: {e}"
-        return None
-
-    def _served_config(self, name: str, versions: list[int]) -> mc.ModelConfig:
-        """The config Triton gets for ONNX model ``name`` serving exactly ``versions``."""
-        assert self.repository is not None
-        cfg = parse_pbtxt((self.repository / name / "config.pbtxt").read_text())
-        return served_config(cfg, self.gpu, self.standin and self.shadow is not None, versions)
-
-    def _override(self, name: str, versions: list[int]) -> str:
-        """The served config with a policy of exactly ``versions``, as Triton's load API takes it."""
-        return json_format.MessageToJson(self._served_config(name, versions))
+        return self.follower.load(name, versions)
 
     def unload(self, name: str) -> str | None:
-        try:
-            self.client.unload_model(name, headers=self.headers)
-        except InferenceServerException as e:
-            return e.message() or str(e)
-        return None
-
-    def _index(self) -> list[dict[str, Any]]:
-        try:
-            return self.client.get_model_repository_index(headers=self.headers)
-        except InferenceServerException:
-            return []
-
-    def _expected_processes(self, model: str) -> int:
-        """Stub processes a READY python model should have: ready versions x instances."""
-        ready = sum(1 for m in self._index() if m.get("name") == model and m.get("state") == "READY")
-        if not ready:
-            return 0
-        try:
-            config = self.client.get_model_config(model, headers=self.headers)
-        except InferenceServerException:
-            return 0
-        if config.get("backend") != "python":
-            return 0
-        return ready * sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or ready
+        return self.api.unload(name)
 
     # -- the loop ------------------------------------------------------------------------
     def stop(self, wait: bool = True) -> None:
@@ -241,13 +118,13 @@ class Supervisor(threading.Thread):
             self.join(timeout=30)
 
     def run(self) -> None:
-        self._known = {p.pid: p.model for p in backend_processes(self.server_pid)}
+        self.healer.start()
         while not self._stop_event.wait(HEAL_TICK):
             try:
                 if self.heal:
-                    self._check_backends()
+                    self.healer.check()
                 if self.poll_secs > 0 and time.monotonic() >= self._next_poll:
-                    self._check_repository()
+                    self.follower.check()
                     self._next_poll = time.monotonic() + self.poll_secs
             except OSError as e:  # the server is going away: the launcher deals with that
                 if self._stop_event.is_set():
@@ -255,313 +132,3 @@ class Supervisor(threading.Thread):
                 self.log(f"[supervisor] cannot reach Triton: {e}")
             except Exception as e:  # whatever happens, keep supervising
                 self.log(f"[supervisor] unexpected {type(e).__name__}: {e}")
-
-    def _check_backends(self) -> None:
-        now = {p.pid: p.model for p in backend_processes(self.server_pid)}
-        gone = {pid: model for pid, model in self._known.items() if pid not in now}
-        self._known = now
-        alive = Counter(now.values())
-        for model in sorted(set(gone.values())):
-            if self._stop_event.is_set():
-                return
-            expected = self._expected_processes(model)
-            if alive[model] >= expected:
-                continue  # an unload or a rollout ended those processes, not a crash
-            pids = ", ".join(str(pid) for pid, m in gone.items() if m == model)
-            self.log(f"[supervisor] {model}: backend process {pids} died; reloading the model")
-            self._reload(model)
-        if gone:
-            self._known = {p.pid: p.model for p in backend_processes(self.server_pid)}
-
-    def _reload(self, model: str) -> None:
-        """Unload (so nothing calls the model ready while it cannot answer), then load, with
-        backoff while the load fails."""
-        started, delay = time.monotonic(), 1.0
-        self.unload(model)
-        unloaded = time.monotonic()
-        while not self._stop_event.is_set():
-            error = self.load(model)
-            if error is None:
-                self.outages.append((model, unloaded, time.monotonic()))
-                self.heals += 1
-                self.log(f"[supervisor] {model}: serving again, {time.monotonic() - started:.1f} s after the crash")
-                return
-            self.log(f"[supervisor] {model}: reload failed ({error}); trying again in {delay:.0f} s")
-            self._stop_event.wait(delay)
-            delay = min(2 * delay, 30.0)
-
-    def _check_repository(self) -> None:
-        if self.repository is None:
-            return
-        current = {d.name: self._fingerprint(d) for d in model_dirs(self.repository)}
-        changed = [name for name, fp in current.items() if self._served.get(name) != fp]
-        ready = []
-        for name in changed:
-            if self._pending.get(name) == current[name]:
-                ready.append(name)  # unchanged for one whole poll: the writer is done
-            else:
-                self._pending[name] = current[name]
-        # Models before the ensembles that call them; each load also reloads its dependents.
-        for name in sorted(ready, key=lambda n: _is_ensemble(self.repository / n)):
-            self._pending.pop(name, None)
-            self._roll_out(name, current[name])
-        for name in set(self._served) - set(current):
-            self.log(f"[supervisor] {name}: removed from the repository; unloading")
-            self.unload(name)
-            del self._served[name]
-
-    def _roll_out(self, name: str, fp: tuple) -> None:
-        started = time.monotonic()
-        assert self.repository is not None
-        self._served[name] = fp  # a failed load is not retried until the files change again
-        if self._verified_model(name):  # its shadow holds the versions loaded: refreshed by each load
-            before = self._loaded_config.get(name)
-            error = self.serve_verified(name)
-            if error is not None:
-                self.log(f"[supervisor] {name}: {error}")
-            if error is not None or self._loaded_config.get(name) == before:
-                return  # nothing changed: a refused version, the old one serving on
-        else:
-            if self.shadow is not None:
-                refresh_shadow_model(self.repository / name, self.shadow, self.gpu, None, self.standin)
-            error = self.load(name)
-            if error is not None:
-                self.log(f"[supervisor] {name}: the changed model failed to load: {error}")
-                return
-        self.rollouts += 1
-        self.rolled_out[name] += 1
-        versions = self._ready_versions(name)
-        self.log(
-            f"[supervisor] {name}: repository changed; now serving version {', '.join(versions) or '?'} "
-            f"(loaded in {time.monotonic() - started:.1f} s)"
-        )
-
-    # -- verified versions ---------------------------------------------------------------
-    def prepare(self) -> list[str]:
-        """Before Triton starts: put only the verified versions each ONNX model's policy selects in
-        the shadow, which Triton then loads whole; returns what cannot be served ("failed to load
-        'NAME': why")."""
-        assert self.repository is not None and self.shadow is not None
-        errors = []
-        for model_dir in model_dirs(self.repository):
-            name = model_dir.name
-            if not self._verified_model(name):
-                continue
-            try:
-                wanted, _ = self._choose(name)
-            except (OSError, text_format.ParseError) as e:
-                errors.append(f"failed to load '{name}': cannot read its config: {e}")
-                continue
-            if not wanted:
-                errors.append(f"failed to load '{name}': no version passed the checks ({self._reasons(name)})")
-                continue
-            refresh_shadow_model(model_dir, self.shadow, self.gpu, wanted, self.standin)
-            self.serving[name] = wanted
-            self._loaded_config[name] = self._override(name, wanted)
-        return errors
-
-    def _reasons(self, name: str) -> str:
-        return "; ".join(f"version {v}: {why}" for m, v, why in self.rejections if m == name) or "no version"
-
-    def _verified_model(self, name: str) -> bool:
-        """Whether ``name``'s versions are checked before loading: the ONNX models (the exported
-        classifiers); the preprocessing model and the ensembles are loaded as they are."""
-        if self.repository is None:
-            return False
-        try:
-            return is_onnx_model(parse_pbtxt((self.repository / name / "config.pbtxt").read_text()))
-        except (OSError, text_format.ParseError):
-            return False
-
-    def _check_key(self, model_dir: Path, version: int, cfg: mc.ModelConfig) -> tuple:
-        """What a check of ``version`` depends on: its files, the label files, the config's tensors
-        (not its version policy: a rollback needs no new check)."""
-        labels = sorted({o.label_filename for o in cfg.output if o.label_filename})
-        stats = []
-        for label in labels:
-            try:
-                st = (model_dir / label).stat()
-                stats.append((label, st.st_size, st.st_mtime_ns))
-            except OSError:
-                stats.append((label, None, None))
-        tensors = tuple(t.SerializeToString(deterministic=True) for t in (*cfg.input, *cfg.output))
-        io = (cfg.max_batch_size, cfg.default_model_filename, cfg.backend, cfg.platform, tensors)
-        return fingerprint(model_dir / str(version)), tuple(stats), io
-
-    def _verify(self, name: str, version: int, cfg: mc.ModelConfig) -> bool:
-        """Whether ``version`` passed ``serve/versions.py --check`` with its current files (checked once)."""
-        assert self.repository is not None
-        key = self._check_key(self.repository / name, version, cfg)
-        cached = self._checked.get((name, version))
-        if cached is not None and cached[0] == key:
-            return cached[1] is None
-        reason = self._run_check(name, version)
-        self._checked[(name, version)] = (key, reason)
-        if reason is not None:
-            self._reject(name, version, reason)
-        return reason is None
-
-    def _run_check(self, name: str, version: int) -> str | None:
-        assert self.repository is not None
-        cmd = [sys.executable, str(VERSIONS_TOOL), "--model-repository", str(self.repository), "--name", name,
-               "--check", str(version)]  # fmt: skip
-        # The check reads the repository and nothing else: no operators' key in its environment.
-        env = {k: v for k, v in os.environ.items() if k not in (CONTROL_KEY_ENV, CONTROL_KEY_FILE_ENV)}
-        try:
-            done = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL, env=env
-            )
-        except subprocess.TimeoutExpired:
-            return f"its check did not finish within {CHECK_TIMEOUT_S:.0f} s"
-        if done.returncode == 0:
-            return None
-        if done.returncode == CHECK_REJECTED and done.stdout.strip():
-            return done.stdout.strip().splitlines()[-1].split(": ", 1)[-1]
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"its check failed (status {done.returncode}): {tail}"
-
-    def _reject(self, name: str, version: int, reason: str, key: tuple | None = None) -> None:
-        """Count and log a refused version; ``key``: remember it as refused until its files change."""
-        if key is not None:
-            self._checked[(name, version)] = (key, reason)
-        self.rejected += 1
-        self.rejections.append((name, version, reason))
-        serving = self.serving.get(name)
-        still = f"version {', '.join(map(str, serving))} keeps serving" if serving else "no version of it is serving"
-        hint = ""
-        if COMPLETION_RECORD in reason and self.repository is not None:
-            hint = (f" (a version copied by hand: python serve/versions.py --model-repository {self.repository} "
-                    f"--name {name} --seal {version})")  # fmt: skip
-        self.log(f"[supervisor] {name}: version {version} refused: {reason}; {still}{hint}")
-
-    def _choose(self, name: str) -> tuple[list[int], mc.ModelConfig]:
-        """The verified versions ``name``'s policy selects: ``latest:N`` the newest N verified ones."""
-        assert self.repository is not None
-        model_dir = self.repository / name
-        cfg = parse_pbtxt((model_dir / "config.pbtxt").read_text())
-        on_disk = versions(model_dir)
-        policy = cfg.version_policy
-        if (pin := self.pins().get(name)) is not None:
-            policy = mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[pin]))
-        which = policy.WhichOneof("policy_choice")
-        if which == "specific":
-            order, wanted = [v for v in sorted(set(policy.specific.versions)) if v in on_disk], len(on_disk)
-        elif which == "all":
-            order, wanted = on_disk, len(on_disk)
-        else:
-            order, wanted = on_disk[::-1], max(1, policy.latest.num_versions) if which == "latest" else 1
-        chosen: list[int] = []
-        for version in order:
-            if len(chosen) >= wanted:
-                break
-            if self._verify(name, version, cfg):
-                chosen.append(version)
-        return sorted(chosen), cfg
-
-    def serve_verified(self, name: str) -> str | None:
-        """Bring ``name``'s loaded versions to the verified ones its policy selects: a new version is
-        loaded beside the serving ones, must answer a smoke inference, and only then do the old ones
-        go. Returns why nothing could be served, or None (also when the old version keeps serving)."""
-        assert self.repository is not None
-        for _ in range(8):  # each round refuses at least one version, or ends
-            try:
-                wanted, cfg = self._choose(name)
-            except (OSError, text_format.ParseError) as e:
-                return f"cannot read its config: {e}"
-            current = self.serving.get(name, [])
-            if not wanted:
-                if current:
-                    self.log(f"[supervisor] {name}: no verified version to change to; version "
-                             f"{', '.join(map(str, current))} keeps serving")  # fmt: skip
-                    return None
-                return "no version passed the checks (see the log lines above)"
-            if wanted == current and self._override(name, wanted) == self._loaded_config.get(name):
-                return None
-            new = [v for v in wanted if v not in current]
-            both = sorted(set(current) | set(wanted))
-            error = self.load(name, both if new else wanted)
-            if error is not None:
-                for v in new:
-                    key = self._check_key(self.repository / name, v, cfg)
-                    self._reject(name, v, f"Triton failed to load it: {error}", key)
-                if current:
-                    self.load(name, current)
-                if not new:
-                    return error
-                continue
-            bad = []
-            for v in new:
-                if (reason := self._smoke(name, v)) is not None:
-                    bad.append(v)
-                    self._reject(name, v, reason, self._check_key(self.repository / name, v, cfg))
-            final = [v for v in wanted if v not in bad] or current
-            if final != (both if new else wanted):
-                if not final:
-                    self.unload(name)
-                    self.serving.pop(name, None)
-                    self._loaded_config.pop(name, None)
-                    continue
-                if (error := self.load(name, final)) is not None:
-                    return error
-            self.serving[name] = final
-            self._loaded_config[name] = self._override(name, final)
-            if not bad:
-                return None
-        return "gave up after refusing too many versions"
-
-    def _smoke(self, name: str, version: int) -> str | None:
-        """Why ``version``, loaded in Triton, does not answer a batch of zeros with finite outputs of
-        the configured shapes; None when it does."""
-        cfg = self._served_config(name, [version])
-        batch = [1] if cfg.max_batch_size > 0 else []
-        inputs = []
-        for t in cfg.input:
-            dtype = mc.DataType.Name(t.data_type).removeprefix("TYPE_")
-            dtype = "BYTES" if dtype == "STRING" else dtype
-            shape = batch + [d if d > 0 else 1 for d in t.dims]
-            data = np.zeros(shape, dtype=object if dtype == "BYTES" else triton_to_np_dtype(dtype))
-            inp = httpclient.InferInput(t.name, shape, dtype)
-            inp.set_data_from_numpy(data)
-            inputs.append(inp)
-        outputs = [httpclient.InferRequestedOutput(o.name) for o in cfg.output]
-        try:
-            result = self.client.infer(name, inputs, model_version=str(version), outputs=outputs,
-                                       headers=self.infer_headers, timeout=int(CHECK_TIMEOUT_S * 1e6))  # fmt: skip
-        except InferenceServerException as e:
-            return f"a smoke inference in Triton failed: {e.message() or e}"
-        for o in cfg.output:
-            array = result.as_numpy(o.name)
-            shape = batch + list(o.dims)
-            if array is None:
-                return f"a smoke inference in Triton gave no output {o.name!r}"
-            if len(array.shape) != len(shape) or any(e > 0 and a != e for e, a in zip(shape, array.shape, strict=True)):
-                return f"a smoke inference gave {o.name!r} shape {list(array.shape)}, the config says {shape}"
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                return f"a smoke inference gave {o.name!r} values that are not finite"
-        return None
-
-    def _ready_versions(self, name: str) -> list[str]:
-        return sorted(
-            (str(m.get("version")) for m in self._index() if m.get("name") == name and m.get("state") == "READY"),
-            key=lambda v: int(v) if v.isdigit() else -1,
-        )
-
-
-def read_pins(path: Path) -> dict[str, int]:
-    """A pins file: ``MODEL VERSION`` per line, ``#`` comments; missing or empty: no pin (and a line that
-    is not of that form pins nothing)."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return {}
-    pins = {}
-    for line in text.splitlines():
-        fields = line.split("#", 1)[0].split()
-        if len(fields) == 2 and fields[1].isdigit():
-            pins[fields[0]] = int(fields[1])
-    return pins
-
-
-def _is_ensemble(model_dir: Path) -> bool:
-    config = model_dir / "config.pbtxt"
-    return config.exists() and 'platform: "ensemble"' in config.read_text()

@@ -240,9 +240,11 @@ def server_on(repo: Path, **kwargs) -> TritonServer:
     return TritonServer.on_free_ports(repo, exit_timeout=3, **kwargs)
 
 
-def http_status(server: TritonServer, path: str) -> int:
+def http_status(server: TritonServer, path: str, port: int | None = None) -> int:
+    """The status of a GET on Triton's HTTP port, or on ``port`` of the server's host (the launcher's)."""
+    address = server.http_url if port is None else f"{server.url_host}:{port}"
     try:
-        with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code

@@ -105,7 +105,7 @@ def test_the_fleet_uses_the_projects_ports_probes_paths_and_image():
         "metrics": METRICS_PORT,
         "supervisor": SUPERVISOR_METRICS_PORT,
     }
-    assert c["readinessProbe"]["httpGet"] == {"path": READY_PATH, "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": READY_PATH, "port": "supervisor"}  # serve/readiness.py
     assert c["startupProbe"]["httpGet"] == {"path": READY_PATH, "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": LIVE_PATH, "port": "http"}
     args = c["args"]

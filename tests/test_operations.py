@@ -48,14 +48,15 @@ def test_a_killed_backend_process_heals_itself_and_readiness_never_lies(own_repo
     blob = png(80, 80)
     with server_on(own_repository, supervisor_metrics_port=free_port()) as server:
         load = Load(server, lambda c: infer_bytes(c, blob))  # through the ensemble: needs both models
-        readiness: list[tuple[float, float, int, int]] = []  # (asked, answered, server, model)
+        readiness: list[tuple[float, float, int, int, int]] = []  # (asked, answered, server, model, launcher)
         sampling = threading.Event()
 
         def sample() -> None:
             while not sampling.is_set():
                 asked = time.monotonic()
                 statuses = (http_status(server, "/v2/health/ready"),
-                            http_status(server, "/v2/models/threegnet_image/ready"))  # fmt: skip
+                            http_status(server, "/v2/models/threegnet_image/ready"),
+                            http_status(server, "/v2/health/ready", server.supervisor_metrics_port))  # fmt: skip
                 readiness.append((asked, time.monotonic(), *statuses))
                 time.sleep(0.02)
 
@@ -89,7 +90,8 @@ def test_a_killed_backend_process_heals_itself_and_readiness_never_lies(own_repo
     assert all(r[1] - r[0] < 10 for r in failed), max(r[1] - r[0] for r in failed)
     assert all("not healthy" in r[2] or "unknown model" in r[2] or "not ready" in r[2] for r in failed), failed[:3]
     # Honest readiness: from the supervisor's unload (it noticed the crash) until the model was loaded
-    # again and requests stopped failing, every readiness answer, the server's and the model's, said so.
+    # again and requests stopped failing, every readiness answer, the server's, the model's and the
+    # launcher's (serve/readiness.py, what the fleet and the pods probe), said so.
     # (The model is ready a moment before Triton's answer to the load reaches the supervisor.)
     until = max(serving_at - 0.2, max(r[0] for r in failed) - 0.05)
     during = [s for s in readiness if unloaded_at <= s[0] and s[1] < until]
@@ -97,7 +99,7 @@ def test_a_killed_backend_process_heals_itself_and_readiness_never_lies(own_repo
     assert during, ("no readiness answer between the unload and the reload", unloaded_at - killed_at, around[:40])
     lies = [(round(serving_at - s[1], 3), s) for s in during if 200 in s[2:]]
     assert not lies, lies[:5]
-    assert readiness[-1][2:] == (200, 200)
+    assert readiness[-1][2:] == (200, 200, 200)
     healed = next(r[0] for r in load.results if r[0] > killed_at and r[2] is None)
     print(f"detected after {unloaded_at - killed_at:.2f} s; serving again after {healed - killed_at:.2f} s "
           f"(reloaded after {serving_at - killed_at:.2f} s); {len(failed)} requests failed meanwhile")  # fmt: skip

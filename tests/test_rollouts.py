@@ -32,7 +32,7 @@ from helpers import (
 )
 
 from export.repository import COMPLETION_RECORD
-from serve.server import TritonServer
+from serve.server import TritonServer, free_port
 from serve.versions import main as versions_main
 
 pytestmark = pytest.mark.slow
@@ -78,18 +78,20 @@ def half_copied(repo: Path, version: int) -> None:
 
 
 class Readiness(threading.Thread):
-    """The server's and the bytes ensemble's readiness, sampled at about 20 Hz."""
+    """Triton's readiness, the bytes ensemble's, and the launcher's (serve/readiness.py, what load
+    balancers and pods probe), sampled at about 20 Hz."""
 
     def __init__(self, server: TritonServer) -> None:
         super().__init__(daemon=True)
         self.server, self.halt = server, threading.Event()
-        self.samples: list[tuple[float, int, int]] = []
+        self.samples: list[tuple[float, int, int, int]] = []
 
     def run(self) -> None:
         while not self.halt.is_set():
             at = time.monotonic()
             statuses = (http_status(self.server, "/v2/health/ready"),
-                        http_status(self.server, "/v2/models/threegnet_image/ready"))  # fmt: skip
+                        http_status(self.server, "/v2/models/threegnet_image/ready"),
+                        http_status(self.server, "/v2/health/ready", self.server.supervisor_metrics_port))  # fmt: skip
             self.samples.append((at, *statuses))
             time.sleep(0.05)
 
@@ -98,7 +100,7 @@ class Readiness(threading.Thread):
         self.join(timeout=10)
 
     def not_ready(self, since: float = 0.0, until: float = float("inf")) -> list[tuple[float, int, int]]:
-        return [s for s in self.samples if since <= s[0] <= until and s[1:] != (200, 200)]
+        return [s for s in self.samples if since <= s[0] <= until and s[1:] != (200, 200, 200)]
 
 
 def index(server: TritonServer) -> list[tuple[str, str, str]]:
@@ -118,7 +120,7 @@ def break_then_fix(
     """Serve ``repo`` under load from three client threads, ``break_it``, check that nothing noticed
     but the log, then ``fix`` (default: a good version 3 copied in) and check that it is served."""
     blob = png(90, 90, seed=5)
-    with server_on(repo, poll_secs=POLL_SECS) as server:
+    with server_on(repo, poll_secs=POLL_SECS, supervisor_metrics_port=free_port()) as server:
         loads = [Load(server, infer_tensor), Load(server, infer_tensor), Load(server, lambda c: infer_bytes(c, blob))]
         readiness = Readiness(server)
         for thread in (*loads, readiness):
@@ -162,9 +164,11 @@ def break_then_fix(
     during = [s for s in readiness.samples if broken_at <= s[0] <= refused_at]
     assert len(during) > 20, len(during)
     assert not readiness.not_ready(broken_at, refused_at), readiness.not_ready(broken_at, refused_at)[:5]
-    assert readiness.samples[-1][1:] == (200, 200)
-    # Loading a good version is Triton's LOADING state for a moment: its strict readiness says no meanwhile.
+    assert readiness.samples[-1][1:] == (200, 200, 200)
+    # Loading a good version is Triton's LOADING state for a moment: its strict readiness says no meanwhile;
+    # the launcher's, which the fleet and the pods probe, says yes throughout (a version answers).
     rollout = [s for s in readiness.samples if s[0] >= fixed_at]
+    assert rollout and all(s[3] == 200 for s in rollout), [s for s in rollout if s[3] != 200][:5]
     print(f"refused after {refused_at - broken_at - 4 * POLL_SECS:.1f} s; {len(during)} readiness samples, all 200; "
           f"{sum(len(load.results) for load in loads)} requests, none failed; version 3's rollout: "
           f"{len(readiness.not_ready(fixed_at))} of {len(rollout)} samples not ready (server "
@@ -270,6 +274,10 @@ def test_a_half_copied_version_in_a_shared_repository_costs_a_fleet_nothing(own_
         wait_until(lambda: all("version 2 refused" in log.read_text() for log in logs), 120, "both replicas refused 2")
         answered = ok[0]
         time.sleep(3)  # a few more health checks
+        refused_looks, rollout_failures = len(states), len(failures)
+        copy_version(own_repository, 1, 3)  # then a good version lands: every replica loads it at about once
+        wait_until(lambda: all("now serving version 3" in log.read_text() for log in logs), 180, "both serve 3")
+        time.sleep(2)
         halt.set()
         for thread in threads:
             thread.join(timeout=60)
@@ -277,8 +285,15 @@ def test_a_half_copied_version_in_a_shared_repository_costs_a_fleet_nothing(own_
             request = urllib.request.Request(f"http://127.0.0.1:{replica.http_port}/v2/repository/index", data=b"{}",
                                              method="POST", headers=fleet.control_headers)  # fmt: skip
             rows = json.loads(urllib.request.urlopen(request, timeout=5).read())
-            assert [(m.get("version"), m.get("state")) for m in rows if m["name"] == "threegnet"] == [("1", "READY")]
+            ready = [m.get("version") for m in rows if m["name"] == "threegnet" and m.get("state") == "READY"]
+            assert ready == ["3"], rows  # 2 never shown to Triton; 3 replaced 1
 
+    during_rollout = states[refused_looks:]
+    print(
+        f"{ok[0]} answers through HAProxy; {len(failures)} failed ({len(failures) - rollout_failures} during version "
+        f"3's rollout); {refused_looks} looks at the pool while 2 was refused, "
+        f"{sum(s != {'UP'} for s in during_rollout)} of {len(during_rollout)} with a replica out during 3's rollout"
+    )
     assert not failures, failures[:3]
-    assert ok[0] > answered and states and all(s == {"UP"} for s in states), [s for s in states if s != {"UP"}][:3]
-    print(f"{ok[0]} answers through HAProxy, none failed; {len(states)} looks at the pool, every replica UP")
+    assert ok[0] > answered and all(s == {"UP"} for s in states[:refused_looks]), [s for s in states if s != {"UP"}][:3]
+    assert all("UP" in s for s in during_rollout), "the pool was empty while a good version rolled out"
