@@ -288,6 +288,8 @@ def run_part(name: str, doc: str | None, run: Callable[..., tuple[dict[str, Any]
         p.add_argument("--" + flag.replace("_", "-"), **options)
     args = p.parse_args()
     settings = Settings.make(args.quick)
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data, markdown = run(settings, args.work or Path(tmp), **{flag: getattr(args, flag) for flag in flags})
     info = machine()

@@ -1,4 +1,5 @@
-"""What the supervisor did, for Prometheus: heals, rollouts and refused versions, per model.
+"""What the supervisor did, for Prometheus: heals, rollouts and refused versions, per model; and the
+queue length at which each model refuses, which Triton's metrics do not carry.
 
 Triton's own ``/metrics`` (port 8002) cannot carry them: the supervisor runs beside Triton, in
 the launcher. So the launcher serves them on a port of its own (``SUPERVISOR_METRICS_PORT``, on
@@ -25,10 +26,18 @@ FAMILIES = (
     ("threegnet_supervisor_rejected_versions_total", "Versions refused: incomplete or failing their checks."),
 )
 
+QUEUE_SIZE = "threegnet_model_max_queue_size"
+QUEUE_SIZE_HELP = (
+    "The queue length at which Triton refuses the model's requests (max_queue_size of the config it serves; "
+    "no sample: unbounded). Triton 2.51 counts a full queue's refusals nowhere: the overload alert compares "
+    "nv_inference_pending_request_count with this."
+)
+
 
 def exposition(supervisor: Supervisor) -> str:
-    """The counters in Prometheus' text format: one sample per model, zeros included (a series that
-    exists from the start makes ``increase()`` and the alerts work from the first event)."""
+    """The counters and the queue sizes in Prometheus' text format. Each counter has a sample per model,
+    zeros included: a series that exists from the start makes ``increase()`` and the alerts work from the
+    first event."""
     counts = (
         Counter(model for model, _, _ in supervisor.outages),
         supervisor.rolled_out,
@@ -39,6 +48,8 @@ def exposition(supervisor: Supervisor) -> str:
     for (name, help_text), per_model in zip(FAMILIES, counts, strict=True):
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
         lines += [f'{name}{{model="{model}"}} {per_model[model]}' for model in models]
+    lines += [f"# HELP {QUEUE_SIZE} {QUEUE_SIZE_HELP}", f"# TYPE {QUEUE_SIZE} gauge"]
+    lines += [f'{QUEUE_SIZE}{{model="{model}"}} {size}' for model, size in sorted(supervisor.queue_sizes().items())]
     return "\n".join(lines) + "\n"
 
 

@@ -128,6 +128,17 @@ class RepositoryFollower:
         """The models of the repository it follows (none for a remote one)."""
         return list(self._served)
 
+    def queue_sizes(self) -> dict[str, int]:
+        """model -> the ``max_queue_size`` of the config it serves (verified models with a bounded queue):
+        Triton's metrics count a full queue's refusals nowhere, so the overload alert compares its
+        pending requests with this (serve/metrics.py)."""
+        sizes = {}
+        for name, config in dict(self._loaded_config).items():  # a copy: the supervising thread writes it
+            size = json_format.Parse(config, mc.ModelConfig()).dynamic_batching.default_queue_policy.max_queue_size
+            if size > 0:
+                sizes[name] = size
+        return sizes
+
     def load(self, name: str, versions: list[int] | None = None) -> str | None:
         """Load (or reload) ``name``; None when it worked, else Triton's error. A verified model is
         loaded with exactly ``versions`` (default: those it serves), never what its policy picks."""

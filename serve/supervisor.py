@@ -96,6 +96,9 @@ class Supervisor(threading.Thread):
     def models(self) -> list[str]:
         return self.follower.models()
 
+    def queue_sizes(self) -> dict[str, int]:
+        return self.follower.queue_sizes()
+
     def pins(self) -> dict[str, int]:
         return self.follower.pins()
 
