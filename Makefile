@@ -82,7 +82,7 @@ demo: setup
 fleet: setup haproxy prometheus
 	$(PY) deploy/local_fleet.py --model-repository model_repository --replicas 2 --prometheus
 
-# CPU benchmarks (model speed, serving overhead, overload, realistic payloads, soak): tables in bench/results/;
+# CPU benchmarks (model speed, INT8/bf16, serving overhead, overload, realistic payloads, soak): tables in bench/results/;
 # finished studies: bench/studies/README.md.
 bench: setup
 	$(PY) bench/run.py

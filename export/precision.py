@@ -80,7 +80,7 @@ def missing_modules(graph: onnx.GraphProto, modules: tuple[str, ...]) -> list[st
 # alone 2.0x; bf16's level takes about 10 bits on both, which onnxruntime's CPU kernels lack. Keeping the
 # first layers (conv1, fused with bn1 and named after it, and layer1) fp32 halves the flips, 11-16, but
 # INT8 then runs 2.3x fp32 instead of 2.7x: under the 2.5x target, so not the default (to_onnx.py
-# --int8-fp32-modules exports it; bench/studies/low_precision.py measures it beside the default).
+# --int8-fp32-modules exports it; bench/low_precision.py measures it beside the default).
 FP32_MODULES: tuple[str, ...] = ("model.fc",)
 EARLY_FP32_MODULES: tuple[str, ...] = ("model.fc", "model.bn1", "model.layer1")
 CALIBRATION_OPTIONS: dict[str, object] = {"CalibMovingAverage": True}
@@ -110,7 +110,7 @@ def quantize_int8(
     # The input normalization too: quantized, its per-channel multiply-add over the whole
     # (B, 3, 224, 224) image becomes QLinearMul + QLinearAdd, which onnxruntime runs slowly
     # with a broadcast operand: 12% of the INT8 model's time at batch 8 for 0.1% of its FLOPs
-    # (bench/studies/low_precision.py, ResNet50-3G). In fp32 they take ~1%, and the first QuantizeLinear
+    # (bench/low_precision.py, ResNet50-3G). In fp32 they take ~1%, and the first QuantizeLinear
     # then sits right before conv1: INT8 throughput 2.17x -> 2.47x fp32, top-1 agreement unchanged.
     keep_fp32 += [n for n in wrapper_nodes(graph) if n not in keep_fp32]
     keep_fp32 += [n for n in module_nodes(graph, fp32_modules) if n not in keep_fp32]

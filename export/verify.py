@@ -103,7 +103,7 @@ def check(report: VerificationReport, max_abs_diff: float, min_top1_agreement: f
 
 
 # Low-precision acceptance: what an INT8 export must show against the fp32 ONNX model on the
-# verification images, or the export is refused (bench/studies/low_precision.py measures the shipped recipe
+# verification images, or the export is refused (bench/low_precision.py measures the shipped recipe
 # against these on 512 held-out images, docs/performance.md section 3).
 CONFIDENT_MARGIN = 0.1  # fp32 top-1 minus top-2 probability from which the two must agree on top-1
 MIN_ACCURACY_RATIO = 0.995  # low-precision top-1 accuracy / fp32's, on labelled images (MLPerf asks 0.99)

@@ -1,6 +1,5 @@
 """bench/run.py --quick: every benchmark part runs and writes its tables (no timing is asserted); the load
-generator's bookkeeping; the studies stay importable (bench/studies/, run on demand), and the low-precision
-one, whose trained model the INT8 and decoding studies reuse, still runs."""
+generator's bookkeeping; the studies stay importable (bench/studies/, run on demand)."""
 
 from __future__ import annotations
 
@@ -12,8 +11,8 @@ import sys
 import pytest
 from helpers import ROOT
 
-PART_FILES = ("model_speed", "serving", "overload", "payloads", "soak")
-STUDIES = ("decoding", "head_share", "int8", "low_precision", "reproduce_paper", "serving_sweep")
+PART_FILES = ("model_speed", "low_precision", "serving", "overload", "payloads", "soak")
+STUDIES = ("decoding", "head_share", "int8", "reproduce_paper", "serving_sweep")
 
 
 @pytest.fixture(scope="module")
@@ -104,23 +103,20 @@ def test_quick_run_records_the_machine_and_the_ratios(quick_run):
 def test_quick_run_markdown_holds_the_tables(quick_run):
     out, _ = quick_run
     text = (out / "bench.md").read_text()
-    headings = ("### Targets", "### Model speed", "### Serving", "### Overload", "### Realistic payloads", "### Soak")
+    headings = ("### Targets", "### Model speed", "### Low precision", "### Serving", "### Overload",
+                "### Realistic payloads", "### Soak")  # fmt: skip
     for heading in headings:
         assert heading in text, heading
     assert "| batch |" in text and "flags:" in text  # the tables and the machine they were measured on
 
 
 @pytest.mark.slow
-def test_low_precision_study_measures_int8_and_bf16_against_fp32(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.studies.low_precision", "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    data = json.loads((tmp_path / "low_precision.json").read_text())
+def test_low_precision_part_measures_int8_and_bf16_against_fp32(quick_run):
+    out, _ = quick_run  # the part's own files, from bench/run.py --quick
+    data = json.loads((out / "low_precision.json").read_text())
     assert 0 <= data["int8_top1_agreement"] <= 1 and data["int8_speedup"] > 0
     assert 0 <= data["bf16_top1_agreement"] <= 1 and data["int8_accuracy_ratio"] > 0
-    markdown = (tmp_path / "low_precision.md").read_text()
+    markdown = (out / "low_precision.md").read_text()
     assert "### Low precision" in markdown and "#### INT8 targets" in markdown
 
 

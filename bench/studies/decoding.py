@@ -13,7 +13,7 @@ a dedicated libjpeg-turbo binding, when it is installed). Beside it, the model's
 a second shot of every scene (other sensor noise) decoded exactly, against the first.
 
 Models: ResNet50-3G at 224 px with a head trained on built-in textures (the model of
-``bench/studies/low_precision.py``), and the demo model (``model_repository/threegnet``, after
+``bench/low_precision.py``), and the demo model (``model_repository/threegnet``, after
 ``make demo``) when it is there.
 
     .venv/bin/python -m bench.studies.decoding [--quick] [--demo-repository model_repository]
@@ -130,11 +130,11 @@ def compare(
 
 
 def trained_model(settings: Settings, work: Path) -> tuple[Path, int, int]:
-    """bench/studies/low_precision.py's trained ResNet50-3G (or the quick run's small model), exported."""
+    """bench/low_precision.py's trained ResNet50-3G (or the quick run's small model), exported."""
     from bench.common import export
-    from bench.studies.low_precision import built_in_data, train_head
+    from bench.low_precision import built_in_data, train_head
 
-    train_x, train_y, _, _, _ = built_in_data(settings, work / "data")
+    train_x, train_y = built_in_data(settings, "train", settings.train_per_class)
     serving, _ = train_head(settings, train_x, train_y, epochs=6 if not settings.quick else 2)
     return export(serving, work / "trained.onnx", settings.crop), settings.resize, settings.crop
 

@@ -10,7 +10,7 @@ runs these graphs in fp32 arithmetic on the rounded values: a simulation (no fas
 for 10-bit activations), exact where nothing is rounded (a test checks that), close to the real
 INT8 kernels at 8/8.
 
-Both run on ``bench/studies/low_precision.py``'s trained model (its table comes first); results in
+Both run on ``bench/low_precision.py``'s trained model (its table comes first); results in
 docs/performance.md section 3.
 
     .venv/bin/python -m bench.studies.int8 [--quick] [--sensitivity] [--bit-widths]   # neither flag: both
@@ -250,7 +250,7 @@ def sensitivity(fp32: Path, calibration: np.ndarray, val_x: np.ndarray, work: Pa
 def run(
     settings: Settings, work: Path, sensitivity: bool = False, bit_widths: bool = False
 ) -> tuple[dict[str, Any], str]:
-    from bench.studies import low_precision
+    from bench import low_precision
 
     both = not (sensitivity or bit_widths)
     kept: dict[str, Any] = {}
