@@ -31,10 +31,13 @@ def readiness(
     models: Callable[[], list[str]],
     headers: dict[str, str] | None,
     timeout: float = TIMEOUT_S,
+    rolling_out: Callable[[], bool] = lambda: False,
 ) -> tuple[bool, str]:
     """(ready, why) for the Triton at ``http_url`` (host:port) serving ``models()``; with no models to
     follow (a remote repository), Triton's own strict readiness. ``headers``: the operators' key, which
-    the repository index needs."""
+    the repository index needs. While ``rolling_out()``, the serving version answers on, so only a Triton
+    that is not live makes it not ready (a rollout's load can make the index slow or a model briefly not
+    READY; a heal's unload is not a rollout)."""
     base = f"http://{http_url}"
     try:
         served = models()
@@ -42,11 +45,14 @@ def readiness(
             _get(base + READY_PATH, timeout)
             return True, "ready"
         _get(base + LIVE_PATH, timeout)
-        index = json.loads(_get(base + "/v2/repository/index", timeout, b"{}", headers))
     except (OSError, ValueError) as e:  # HTTPError (not ready, refused) is an OSError too
         return False, f"Triton does not answer: {e}"
+    try:
+        index = json.loads(_get(base + "/v2/repository/index", timeout, b"{}", headers))
+    except (OSError, ValueError) as e:
+        return (True, "ready (rolling out)") if rolling_out() else (False, f"Triton does not answer: {e}")
     ready = {m.get("name") for m in index if m.get("state") == "READY"}
     missing = [name for name in served if name not in ready]
-    if missing:
+    if missing and not rolling_out():
         return False, f"no version READY: {', '.join(sorted(missing))}"
     return True, "ready"

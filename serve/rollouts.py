@@ -114,6 +114,9 @@ class RepositoryFollower:
         self._checked: dict[tuple[str, int], tuple[tuple, str | None]] = {}  # (model, version) -> (files, reason)
         self.rejected = 0  # versions refused, at whatever stage (tests and logs read it)
         self.rejections: list[tuple[str, int, str]] = []  # (model, version, why), in order
+        # While a changed model rolls out, the serving version answers on: a model (or an ensemble reloaded with
+        # it) briefly not READY in the index, or an index slow to answer, is no reason to leave the pool.
+        self.rolling_out = False
 
     def pins(self) -> dict[str, int]:
         """model -> the version this server is pinned to (``pins``), overriding the config's policy."""
@@ -180,7 +183,11 @@ class RepositoryFollower:
         # Models before the ensembles that call them; each load also reloads its dependents.
         for name in sorted(ready, key=lambda n: _is_ensemble(self.repository / n)):
             self._pending.pop(name, None)
-            self._roll_out(name, current[name])
+            self.rolling_out = True
+            try:
+                self._roll_out(name, current[name])
+            finally:
+                self.rolling_out = False
         for name in set(self._served) - set(current):
             self.log(f"[supervisor] {name}: removed from the repository; unloading")
             self.api.unload(name)

@@ -564,7 +564,10 @@ class TritonServer(Addresses):
                 supervisor = self.supervisor
                 self._metrics_server = MetricsServer(
                     supervisor, self.host, self.supervisor_metrics_port,
-                    ready=lambda: readiness(self.http_url, supervisor.models, self.control_headers),
+                    ready=lambda: readiness(
+                        self.http_url, supervisor.models, self.control_headers,
+                        rolling_out=lambda: supervisor.rolling_out,
+                    ),
                 )  # fmt: skip
             except OSError as e:
                 self.stop()

@@ -96,6 +96,10 @@ class Supervisor(threading.Thread):
     def models(self) -> list[str]:
         return self.follower.models()
 
+    @property
+    def rolling_out(self) -> bool:
+        return self.follower.rolling_out
+
     def queue_sizes(self) -> dict[str, int]:
         return self.follower.queue_sizes()
 
