@@ -70,6 +70,7 @@ from serve.endpoints import (
     UPSTREAM_TIMEOUT_S,
     Addresses,
 )
+from serve.front import GRPC_BODY_RULES, HTTP_BODY_RULES, MAX_REQUEST_MB_LIMIT, MIB, haproxy_pem, tls_bind
 from serve.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,18 +106,14 @@ defaults
     timeout http-request 30s
     retries {retries}
     option redispatch 1         # every retry goes to another replica
-    # 503: a replica refusing (its queue full) leaves the request to one that may have room.
-    retry-on conn-failure empty-response response-timeout 503
+    # 503: a replica refusing (its queue full) leaves the request to one that may have room; 502: the
+    # replica's own front (serve/front.py) lost its Triton mid-request (the empty response behind it).
+    retry-on conn-failure empty-response response-timeout 502 503
 
 frontend http
     bind {host}:{http_port}{http_tls}
-    # Bodies Triton cannot bound itself: compressed ones (it inflates them), bigger ones, unannounced ones.
-    acl compressed req.hdr(content-encoding) -m found
-    acl identity req.hdr(content-encoding) -i identity
-    acl sized req.hdr(content-length) -m found
-    http-request return status 415 content-type text/plain string "compressed bodies refused" if compressed !identity
-    http-request deny deny_status 413 if {{ req.hdr_val(content-length) gt {max_body} }}
-    http-request return status 411 content-type text/plain string "Content-Length needed" if METH_POST !sized
+    # Bodies Triton cannot bound itself (serve/front.py): the same rules as in front of each replica.
+{http_body_rules}
     # Only the data plane: the control plane (repository, configs, statistics, ...) stays on the replicas.
     http-request deny deny_status 403 if {{ path -m reg -i ^/v2/models/stats$ }}
     http-request deny deny_status 403 unless {{ path -m reg {data_plane} }}
@@ -124,9 +121,7 @@ frontend http
 
 frontend grpc
     bind {host}:{grpc_port}{grpc_tls}
-    acl compressed req.hdr(grpc-encoding) -m found
-    acl identity req.hdr(grpc-encoding) -i identity
-    http-request return status 415 content-type text/plain string "compressed messages refused" if compressed !identity
+{grpc_body_rules}
     http-request deny deny_status 403 unless {{ path {grpc_methods} }}
     default_backend triton_grpc
 
@@ -168,14 +163,10 @@ class FleetTls:
     client_ca: Path | None = None
 
     def haproxy_pem(self, work: Path) -> Path:
-        """HAProxy wants the certificate and its key in one file (readable by us alone)."""
         for what, path in (("certificate", self.cert), ("key", self.key), ("client CA", self.client_ca)):
             if path is not None and not Path(path).is_file():
                 raise FleetError(f"TLS {what} {path}: no such file")
-        pem = work / "tls.pem"
-        pem.touch(mode=0o600)
-        pem.write_text(Path(self.cert).read_text() + Path(self.key).read_text())
-        return pem
+        return haproxy_pem(self.cert, self.key, work)
 
 
 @dataclass
@@ -192,6 +183,7 @@ class Replica:
     process: subprocess.Popen | None = None
     starts: int = 0
     triton_args: tuple[str, ...] = ()  # more tritonserver flags, after the launcher's ``--``
+    max_request_mb: int = MAX_REQUEST_MB  # its own front's cap: the balancer's
 
     control_key: str = ""  # the fleet's operators' key, handed over in the environment (never on a command line)
 
@@ -204,7 +196,8 @@ class Replica:
         cmd = [sys.executable, str(ROOT / "serve" / "launch.py"), "--model-repository", str(self.repository),
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--metrics-port", str(self.metrics_port), "--supervisor-metrics-port", str(self.supervisor_metrics_port),
-               "--exit-timeout", "10", "--version-pins", str(self.pins)]  # fmt: skip
+               "--exit-timeout", "10", "--version-pins", str(self.pins),
+               "--max-request-mb", str(self.max_request_mb)]  # fmt: skip
         if self.triton_args:
             cmd += ["--", *self.triton_args]
         self.starts += 1
@@ -259,12 +252,14 @@ class Fleet(Addresses):
         self.repository, self.host, self.restart = Path(repository), host, restart
         self.control_key = control_key if control_key is not None else resolve_key()[0]
         self.tls = tls
+        if not 0 < max_request_mb <= MAX_REQUEST_MB_LIMIT:
+            raise FleetError(f"max_request_mb {max_request_mb}: from 1 to {MAX_REQUEST_MB_LIMIT}")
         self.max_request_mb = max_request_mb
         self._work = tempfile.TemporaryDirectory(prefix="threegnet-fleet-")
         self.work = Path(self._work.name)
         self.replicas = [
             Replica(f"r{i}", self.repository, self.work, control_key=self.control_key,
-                    triton_args=METRICS_TRITON_ARGS if prometheus else ())
+                    triton_args=METRICS_TRITON_ARGS if prometheus else (), max_request_mb=max_request_mb)
             for i in range(replicas)
         ]  # fmt: skip
         self.prometheus, self.alert_for = prometheus, alert_for
@@ -291,9 +286,8 @@ class Fleet(Addresses):
         http_tls, grpc_tls = "", " proto h2"
         if self.tls is not None:
             pem = self.tls.haproxy_pem(self.work)
-            verify = f" ca-file {self.tls.client_ca} verify required" if self.tls.client_ca else ""
-            http_tls = f" ssl crt {pem}{verify} alpn http/1.1"
-            grpc_tls = f" ssl crt {pem}{verify} alpn h2"
+            http_tls = tls_bind(pem, self.tls.client_ca, "http/1.1")
+            grpc_tls = tls_bind(pem, self.tls.client_ca, "h2")
         methods = " ".join(f"/inference.GRPCInferenceService/{m}" for m in DATA_PLANE_GRPC_METHODS)
         return HAPROXY_CONFIG.format(
             socket=self.socket, host=self.host, http_port=self.http_port, grpc_port=self.grpc_port,
@@ -301,7 +295,7 @@ class Fleet(Addresses):
             server_timeout=UPSTREAM_TIMEOUT_S, check_timeout=CHECK_TIMEOUT_MS, retries=UPSTREAM_ATTEMPTS - 1,
             http_servers=servers("http_port", False), grpc_servers=servers("grpc_port", True),
             http_tls=http_tls, grpc_tls=grpc_tls, data_plane=DATA_PLANE_PATH, grpc_methods=methods,
-            max_body=self.max_request_mb * 1024 * 1024,
+            http_body_rules=HTTP_BODY_RULES.format(max_body=self.max_request_mb * MIB), grpc_body_rules=GRPC_BODY_RULES,
         )  # fmt: skip
 
     @property
@@ -517,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-request-mb",
         type=int,
         default=MAX_REQUEST_MB,
-        help=f"the largest request body forwarded (default {MAX_REQUEST_MB}; Triton itself caps none)",
+        help=f"the largest request body forwarded, here and by each replica's front (default {MAX_REQUEST_MB})",
     )
     p.add_argument(
         "--prometheus",

@@ -54,9 +54,9 @@ DATA_PLANE_GRPC_METHODS = (
 # probabilities only) and NAME_image_classifier; clients find them by these names.
 IMAGE_MODEL_SUFFIX = "_image"
 CLASSIFIER_SUFFIX = "_classifier"
-# The largest request body a load balancer or Ingress forwards: a batch of 8 uploads (predict.py's default)
-# at the preprocessing's 25 MiB cap per image, plus framing. Triton 2.51 caps nothing itself: a 2 GiB body
-# aborts it, an inflating gzip body keeps its size in memory (docs/security.md#the-caps-in-front-of-triton).
+# The largest request body the launcher's front (serve/front.py), a load balancer or the Ingress forwards: a
+# batch of 8 uploads (predict.py's default) at the preprocessing's 25 MiB cap per image, plus framing. Triton
+# 2.51 caps nothing itself: a 2 GiB body aborts it (docs/security.md#the-caps-in-front-of-triton).
 MAX_REQUEST_MB = 256
 # When a replica hangs (docs/deploy.md "When a pod hangs"; the measurements in
 # docs/performance.md#9-hung-replicas-and-the-soak-2026-11-29). The load balancer in front (HAProxy in

@@ -18,7 +18,10 @@ shared memory, statistics, trace, logging) answers only requests carrying the
 operators' key, read from --control-key-file, else the file $THREEGNET_CONTROL_KEY_FILE
 names, else $THREEGNET_CONTROL_KEY, else made at random for this run (then only the
 launcher itself can use it). Inference, health and metadata stay open unless
---inference-key-file is given too. See docs/security.md.
+--inference-key-file is given too. Request bodies Triton cannot bound itself (over
+--max-request-mb, or compressed) are refused by HAProxy in front of Triton's HTTP and gRPC
+ports (Debian's haproxy; without it, only a loopback --host is served, uncapped). See
+docs/security.md.
 """
 
 from __future__ import annotations
@@ -38,14 +41,24 @@ from serve.control import (
     read_key,
     resolve_key,
 )
-from serve.endpoints import EXIT_TIMEOUT_S, GRPC_PORT, HTTP_PORT, METRICS_PORT, SUPERVISOR_METRICS_PORT
+from serve.endpoints import (
+    EXIT_TIMEOUT_S,
+    GRPC_PORT,
+    HTTP_PORT,
+    MAX_REQUEST_MB,
+    METRICS_PORT,
+    SUPERVISOR_METRICS_PORT,
+)
+from serve.front import MAX_REQUEST_MB_LIMIT
 from serve.server import GrpcTls, ServerError, TritonServer
 
 EXIT_CODES = """exit status:
   0    stopped by Ctrl-C, SIGINT, SIGTERM or SIGHUP after a graceful shutdown
-  1    Triton could not start (the repository, a config.pbtxt, --host, a port in use: the
-       error line says which) or exited on its own (the orchestrator restarts the server)
-  2    bad arguments: equal ports, an unusable key file, TLS files that do not go together
+  1    Triton could not start (the repository, a config.pbtxt, --host, a port in use, no haproxy
+       for a --host other machines reach: the error line says which) or exited on its own, or
+       its front did (the orchestrator restarts the server)
+  2    bad arguments: equal ports, an unusable key file, TLS files that do not go together, a
+       --max-request-mb out of range
 """
 
 
@@ -113,6 +126,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"leave these open to everyone ({', '.join(MAY_BE_PUBLIC)}); e.g. model-config for Triton's "
         "stock example clients. Loading models always needs the key",
     )
+    lock.add_argument(
+        "--max-request-mb",
+        type=int,
+        default=MAX_REQUEST_MB,
+        help=f"the largest HTTP request body let through to Triton (default {MAX_REQUEST_MB}: a batch of 8 "
+        "uploads); compressed bodies are refused whatever their size. 0: no cap and no haproxy in front",
+    )
     lock.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate")
     lock.add_argument("--grpc-tls-key", metavar="PEM", help="the certificate's private key")
     lock.add_argument(
@@ -137,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             f"error: the ports must differ: --http-port {args.http_port}, --grpc-port {args.grpc_port}, "
             f"--metrics-port {args.metrics_port}, --supervisor-metrics-port {args.supervisor_metrics_port}"
         )
+        return 2
+    if not 0 <= args.max_request_mb <= MAX_REQUEST_MB_LIMIT:
+        log(f"error: --max-request-mb {args.max_request_mb}: from 0 (no cap) to {MAX_REQUEST_MB_LIMIT}")
         return 2
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key) or (args.grpc_tls_client_ca and not args.grpc_tls_cert):
         log("error: gRPC TLS needs both --grpc-tls-cert and --grpc-tls-key (and them for --grpc-tls-client-ca)")
@@ -170,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         public=tuple(args.public),
         supervisor_metrics_port=args.supervisor_metrics_port or None,
         pins=args.version_pins,
+        max_request_mb=args.max_request_mb,
     )
     stopping = []
 
@@ -217,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         locked += f"; inference needs the '{INFERENCE_KEY_HEADER}' header"
     if tls:
         locked += "; gRPC over mutual TLS" if tls.client_ca else "; gRPC over TLS"
+    if server.front is not None:
+        locked += f".\nRequest bodies: at most {args.max_request_mb} MiB, none compressed (haproxy in front of Triton)"
+    else:
+        locked += ".\nRequest bodies: NOT capped (no haproxy in front of Triton)"
     log(
         f"\nTriton is ready. Models: {models}\n"
         f"  HTTP     http://{server.http_url}  (KServe v2: /v2/models/<name>/infer)\n"
@@ -227,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         "Ctrl-C to stop."
     )
     status = server.process.wait()
+    front = server.front.process.poll() if server.front is not None and server.front.process is not None else None
     final = server.stop()
     if not stopping:
+        if front is not None:
+            log(f"error: the request front (haproxy) exited with status {front}; Triton was stopped with it")
+            return 1
         log(f"error: tritonserver exited on its own with status {status}")
         return 1 if status == 0 else status
     log("Triton stopped.")

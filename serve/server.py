@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import importlib.util
+import ipaddress
 import json
 import os
 import re
@@ -44,11 +45,13 @@ from serve.endpoints import (
     EXIT_TIMEOUT_S,
     GRPC_PORT,
     HTTP_PORT,
+    MAX_REQUEST_MB,
     METRICS_PATH,
     METRICS_PORT,
     READY_PATH,
     Addresses,
 )
+from serve.front import FRONT_HOST, Front, FrontError, haproxy_pem
 from serve.metrics import MetricsServer
 from serve.readiness import readiness
 from serve.standin import build_shadow_repository, model_dirs
@@ -173,17 +176,21 @@ class ServerBinary:
 
 @dataclass(frozen=True)
 class GrpcTls:
-    """gRPC over TLS with Triton's own flags; mutual TLS (a client needs a certificate that
-    ``client_ca`` signed) when ``client_ca`` is given. Triton's HTTP has no TLS: terminate it in front."""
+    """gRPC over TLS (terminated by the front when there is one, else by Triton's own flags); mutual TLS
+    (a client needs a certificate that ``client_ca`` signed) when ``client_ca`` is given. Triton's HTTP has
+    no TLS: terminate it in front."""
 
     cert: Path
     key: Path
     client_ca: Path | None = None
 
-    def triton_args(self) -> list[str]:
+    def check(self) -> None:
         for what, path in (("certificate", self.cert), ("key", self.key), ("client CA", self.client_ca)):
             if path is not None and not Path(path).is_file():
                 raise ServerError(f"gRPC TLS {what} {path}: no such file")
+
+    def triton_args(self) -> list[str]:
+        self.check()
         args = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
         if self.client_ca is not None:
             args += [f"--grpc-root-cert={self.client_ca}", "--grpc-use-ssl-mutual=true"]
@@ -254,6 +261,15 @@ def bind_problem(host: str, port: int) -> str | None:
     return None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
 def port_in_use(host: str, port: int) -> bool:
     return bind_problem(host, port) == PORT_IN_USE
 
@@ -270,6 +286,10 @@ class TritonServer(Addresses):
     Use as a context manager, or ``start()`` / ``wait_ready()`` / ``stop()``.
     ``log`` receives every line Triton prints (default: dropped; the launcher
     echoes them); the last lines are kept for error messages either way.
+
+    HTTP and gRPC clients reach Triton through a :class:`~serve.front.Front` (HAProxy) that refuses
+    the bodies Triton 2.51 cannot bound, larger than ``max_request_mb`` or compressed; Triton itself
+    then listens on loopback ports of its own. ``max_request_mb=0``: no front, no cap.
 
     Models are under explicit control (all loaded at start). Triton reads a shadow of
     a local repository that holds only the verified versions of ONNX models (a
@@ -299,6 +319,7 @@ class TritonServer(Addresses):
         public: tuple[str, ...] = (),
         supervisor_metrics_port: int | None = None,
         pins: Path | None = None,
+        max_request_mb: int = MAX_REQUEST_MB,
     ) -> None:
         # Object storage (s3://, gs://, as://) is read by Triton itself: nothing to check or shadow here.
         self.remote = "://" in str(model_repository)
@@ -324,6 +345,10 @@ class TritonServer(Addresses):
         self.grpc_tls = grpc_tls
         self.supervisor_metrics_port = supervisor_metrics_port  # None: not served (serve/metrics.py)
         self.pins = pins  # this server's version pins (serve/rollouts.py): a canary's
+        self.max_request_mb = max_request_mb
+        self.front: Front | None = None  # HAProxy on the public HTTP and gRPC ports, when it runs
+        self.triton_http_port, self.triton_grpc_port = http_port, grpc_port  # Triton's own: loopback behind a front
+        self._stopping = False
         self._metrics_server: MetricsServer | None = None
         self.secrets_hidden = True  # False when no secret_args library could be had (see serve/control.py)
         self.supervisor: Supervisor | None = None
@@ -363,6 +388,11 @@ class TritonServer(Addresses):
     def grpc_control_headers(self) -> dict[str, str]:
         """The same as gRPC metadata."""
         return grpc_headers(self.lock.control_key)
+
+    @property
+    def triton_http_url(self) -> str:
+        """Triton's own HTTP address (behind the front, if any): what the launcher itself talks to."""
+        return f"{FRONT_HOST}:{self.triton_http_port}" if self.front is not None else self.http_url
 
     # -- lifecycle -------------------------------------------------------------------------
     def _check_repository(self) -> None:
@@ -421,12 +451,14 @@ class TritonServer(Addresses):
             self.secrets_hidden = False
             for name, value in self.lock.env.items():
                 lock = [a.replace(f"@env:{name}", value) for a in lock]
-        tls = self.grpc_tls.triton_args() if self.grpc_tls is not None else []
+        tls = self.grpc_tls.triton_args() if self.grpc_tls is not None and self.front is None else []
+        http_address = FRONT_HOST if self.front is not None else self._evhtp_address
+        grpc_address = FRONT_HOST if self.front is not None else self.url_host
         return [
             *cmd,
             "--model-repository", str(repository),
-            "--http-address", self._evhtp_address, "--http-port", str(self.http_port),
-            "--grpc-address", self.url_host, "--grpc-port", str(self.grpc_port),
+            "--http-address", http_address, "--http-port", str(self.triton_http_port),
+            "--grpc-address", grpc_address, "--grpc-port", str(self.triton_grpc_port),
             "--metrics-address", self._evhtp_address, "--metrics-port", str(self.metrics_port),
             "--log-verbose", str(self.log_verbose),
             # Latency quantiles on: p99 is a query (docs/monitoring.md), not a guess.
@@ -473,6 +505,7 @@ class TritonServer(Addresses):
         self.shm = None if any(SHM_PREFIX_OPTION in a for a in self.extra_args) else ShmRegions()
         self._workdir = tempfile.TemporaryDirectory(prefix="threegnet-triton-")
         try:
+            self._start_front()
             cmd = self._command()
         except BaseException:
             self._cleanup()
@@ -492,7 +525,49 @@ class TritonServer(Addresses):
             self.supervisor.server_pid = self.process.pid
         self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
+        if self.front is not None:
+            threading.Thread(target=self._watch_front, daemon=True).start()
         return self
+
+    def _start_front(self) -> None:
+        """HAProxy on the public ports, Triton moved to loopback ports behind it; without haproxy, a server
+        that only this machine reaches goes on uncapped (with a warning), any other is refused."""
+        if self.max_request_mb <= 0:
+            return
+        if shutil.which("haproxy") is None:
+            if not is_loopback(self.host):
+                raise ServerError(
+                    f"--host {self.host} serves other machines, and with no haproxy on PATH request bodies would "
+                    "reach Triton uncapped (one 2 GiB body aborts it): install haproxy (make haproxy), or pass "
+                    "--max-request-mb 0 to serve without the cap (docs/security.md#the-caps-in-front-of-triton)"
+                )
+            (self.log or self.lines.append)(
+                "[launcher] warning: no haproxy on PATH: request bodies are not capped (install haproxy; "
+                "docs/security.md#the-caps-in-front-of-triton)"
+            )
+            return
+        assert self._workdir is not None
+        work = Path(self._workdir.name)
+        tls = None
+        if self.grpc_tls is not None:
+            self.grpc_tls.check()
+            tls = (haproxy_pem(self.grpc_tls.cert, self.grpc_tls.key, work), self.grpc_tls.client_ca)
+        self.triton_http_port, self.triton_grpc_port = free_port(FRONT_HOST), free_port(FRONT_HOST)
+        front = Front(self.host, self.http_port, self.grpc_port, self.triton_http_port, self.triton_grpc_port,
+                      self.max_request_mb, work, tls)  # fmt: skip
+        try:
+            self.front = front.start()
+        except FrontError as e:
+            raise ServerError(str(e)) from None
+
+    def _watch_front(self) -> None:
+        """A front that dies leaves Triton unreachable: stop Triton too, so that the launcher exits and its
+        owner (Kubernetes, the fleet) restarts the server."""
+        assert self.front is not None and self.front.process is not None and self.process is not None
+        status = self.front.process.wait()
+        if not self._stopping and self.process.poll() is None:
+            (self.log or self.lines.append)(f"[launcher] the request front (haproxy) exited ({status}): stopping Triton")
+            self.process.send_signal(signal.SIGTERM)
 
     def _environment(self) -> dict[str, str]:
         """Ours, less the operators' key as the launcher was given it: Triton and the backends it starts
@@ -565,7 +640,7 @@ class TritonServer(Addresses):
                 self._metrics_server = MetricsServer(
                     supervisor, self.host, self.supervisor_metrics_port,
                     ready=lambda: readiness(
-                        self.http_url, supervisor.models, self.control_headers,
+                        self.triton_http_url, supervisor.models, self.control_headers,
                         rolling_out=lambda: supervisor.rolling_out,
                     ),
                 )  # fmt: skip
@@ -578,7 +653,7 @@ class TritonServer(Addresses):
         if self.lock.inference_key is not None:
             infer_headers = http_headers(self.lock.inference_key, INFERENCE_KEY_HEADER)
         return Supervisor(
-            self.http_url,
+            self.triton_http_url,
             self.process.pid if self.process is not None else 0,  # set once Triton runs
             None if self.remote else self.repository.resolve(),
             self.shadow,
@@ -595,7 +670,7 @@ class TritonServer(Addresses):
     def models(self) -> list[dict]:
         """The repository index: name, version and state of every model (asked with the operators' key)."""
         req = urllib.request.Request(
-            f"http://{self.http_url}/v2/repository/index",
+            f"http://{self.triton_http_url}/v2/repository/index",
             data=b"{}",
             method="POST",
             headers=self.control_headers,
@@ -620,6 +695,7 @@ class TritonServer(Addresses):
         for anything left in the server's process group. Returns the exit status."""
         if self.process is None:
             return None
+        self._stopping = True
         if self.supervisor is not None:  # first: stubs exiting at shutdown are no crash to heal
             self.supervisor.stop()
         if self._metrics_server is not None:
@@ -652,7 +728,10 @@ class TritonServer(Addresses):
             )
 
     def _cleanup(self) -> None:
-        """After Triton has exited, however it exited: its work dir and its shared-memory regions."""
+        """After Triton has exited, however it exited: the front, its work dir and its shared-memory regions."""
+        if self.front is not None:
+            self._stopping = True
+            self.front.stop()
         if self.shm is not None and (self.process is None or self.process.poll() is not None):
             self.shm.remove()
         if self._workdir is not None:

@@ -304,7 +304,8 @@ def test_a_hung_pod_is_handled_with_the_timeouts_the_rehearsal_uses():
         for ingress in ingresses.values():
             assert ingress[prefix + "proxy-read-timeout"] == str(UPSTREAM_TIMEOUT_S)
         http = ingresses["threegnet-http"]
-        assert http[prefix + "proxy-next-upstream"].split() == ["error", "timeout", "http_503", "non_idempotent"]
+        retried = ["error", "timeout", "http_502", "http_503", "non_idempotent"]  # 502: a pod's front lost Triton
+        assert http[prefix + "proxy-next-upstream"].split() == retried
         assert http[prefix + "proxy-next-upstream-tries"] == str(UPSTREAM_ATTEMPTS)
         assert http[prefix + "proxy-next-upstream-timeout"] == str(UPSTREAM_BUDGET_S)
         # gRPC: ingress-nginx has no grpc_next_upstream annotation; none that would silently do nothing.
@@ -317,7 +318,7 @@ def test_a_hung_pod_is_handled_with_the_timeouts_the_rehearsal_uses():
     finally:
         fleet.stop()
     assert f"timeout server {UPSTREAM_TIMEOUT_S}s" in config and f"retries {UPSTREAM_ATTEMPTS - 1}" in config
-    assert "retry-on conn-failure empty-response response-timeout 503" in config
+    assert "retry-on conn-failure empty-response response-timeout 502 503" in config
     assert "option redispatch 1" in config and f"timeout check {CHECK_TIMEOUT_MS}ms" in config
 
 

@@ -233,7 +233,8 @@ def test_the_launcher_serves_as_an_unprivileged_user(sandbox_dir, read_only_root
         "READ_ONLY_ROOT": "1" if read_only_root else "0",
         "EXPOSE_BASE": str(base) if over else "", "EXPOSE_OVER": str(over) if over else "",
         # what the image and the Deployment set, nothing inherited from this root shell
-        "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",  # the image's: haproxy is in sbin
+        "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         CONTROL_KEY_FILE_ENV: str(work / "secrets" / "control-key"),
     }  # fmt: skip
