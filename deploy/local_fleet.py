@@ -70,7 +70,7 @@ from serve.endpoints import (
     UPSTREAM_TIMEOUT_S,
     Addresses,
 )
-from serve.front import GRPC_BODY_RULES, HTTP_BODY_RULES, MAX_REQUEST_MB_LIMIT, MIB, haproxy_pem, tls_bind
+from serve.front import HTTP_BODY_RULES, MAX_REQUEST_MB_LIMIT, MIB, grpc_body_rules, haproxy_pem, tls_bind
 from serve.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,7 +295,8 @@ class Fleet(Addresses):
             server_timeout=UPSTREAM_TIMEOUT_S, check_timeout=CHECK_TIMEOUT_MS, retries=UPSTREAM_ATTEMPTS - 1,
             http_servers=servers("http_port", False), grpc_servers=servers("grpc_port", True),
             http_tls=http_tls, grpc_tls=grpc_tls, data_plane=DATA_PLANE_PATH, grpc_methods=methods,
-            http_body_rules=HTTP_BODY_RULES.format(max_body=self.max_request_mb * MIB), grpc_body_rules=GRPC_BODY_RULES,
+            http_body_rules=HTTP_BODY_RULES.format(max_body=self.max_request_mb * MIB),
+            grpc_body_rules=grpc_body_rules(self.max_request_mb, self.work),
         )  # fmt: skip
 
     @property

@@ -35,11 +35,31 @@ HTTP_BODY_RULES = """\
     http-request deny deny_status 413 if ten_digits || {{ req.hdr_val(content-length) gt {max_body} }}
     http-request return status 411 content-type text/plain string "Content-Length needed" if METH_POST !sized"""
 MAX_REQUEST_MB_LIMIT = (10**9 - 1) // MIB  # 953: the largest cap whose lengths have nine digits
-# gRPC messages: HAProxy cannot count an HTTP/2 stream's bytes, but it can refuse compressed ones.
+# gRPC messages: HAProxy cannot count an HTTP/2 stream's bytes, but every message starts with a 5-byte prefix,
+# a compressed flag and its length (4 bytes, big-endian): the first message of an inference call is held until
+# that prefix is in, and refused if it announces more than `{max_message_hex}` (8 hex digits, so that comparing
+# the strings compares the numbers). The answer is a gRPC one, from a file (`{work}`: HAProxy sends a reply's
+# content type only with a body, and a gRPC error has none). A call that sends no prefix within 10 s is answered
+# 408; of a stream, only the first message is read.
 GRPC_BODY_RULES = """\
     acl coded req.hdr(grpc-encoding) -m found
     acl plain req.hdr(grpc-encoding) -i identity
-    http-request return status 415 content-type text/plain string "compressed messages refused" if coded !plain"""
+    acl infer path /inference.GRPCInferenceService/ModelInfer /inference.GRPCInferenceService/ModelStreamInfer
+    acl too_large req.body,bytes(1,4),hex,strcmp(txn.max_message) gt 0
+    http-request return status 415 content-type text/plain string "compressed messages refused" if coded !plain
+    http-request wait-for-body time 10s at-least 5 if infer
+    http-request set-var(txn.max_message) str({max_message_hex}) if infer
+    http-request return errorfile {work}/grpc-too-large.http if infer too_large"""
+GRPC_ERROR = "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: {code}\r\ngrpc-message: {message}\r\n" \
+    "content-length: 0\r\n\r\n"  # fmt: skip
+
+
+def grpc_body_rules(max_request_mb: int, work: Path) -> str:
+    """:data:`GRPC_BODY_RULES` for a cap of ``max_request_mb``, with their answers written into ``work``."""
+    message = f"message larger than {max_request_mb} MiB refused"
+    (work / "grpc-too-large.http").write_text(GRPC_ERROR.format(code=8, message=message))  # RESOURCE_EXHAUSTED
+    return GRPC_BODY_RULES.format(max_message_hex=f"{max_request_mb * MIB:08X}", work=work)
+
 
 CONFIG = """\
 global
@@ -123,7 +143,7 @@ class Front:
             http_bind=bind_address(self.host, self.http_port),
             grpc_bind=grpc_bind,
             http_rules=HTTP_BODY_RULES.format(max_body=self.max_request_mb * MIB),
-            grpc_rules=GRPC_BODY_RULES,
+            grpc_rules=grpc_body_rules(self.max_request_mb, self.work),
             triton=FRONT_HOST,
             triton_http_port=self.triton_http_port,
             triton_grpc_port=self.triton_grpc_port,

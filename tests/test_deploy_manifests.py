@@ -331,3 +331,4 @@ def test_the_ingress_and_the_rehearsal_cap_request_bodies_at_the_same_size():
         assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == f"{MAX_REQUEST_MB}m"
     config = Fleet(ROOT, replicas=1).config()  # the rehearsal's HAProxy, as it would start
     assert f"req.hdr_val(content-length) gt {MAX_REQUEST_MB * 1024 * 1024}" in config
+    assert f"set-var(txn.max_message) str({MAX_REQUEST_MB * 1024 * 1024:08X})" in config  # gRPC's length prefix

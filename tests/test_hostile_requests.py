@@ -447,3 +447,87 @@ def test_a_compressed_body_leaves_nothing_behind(server):
     cost = large_post(server, gzip_of_zeros(128 * MIB), {"Content-Encoding": "gzip"})
     assert cost["status"] in (415, -1), cost  # -1: the front answered and closed before the upload ended
     assert cost["after"]["pss_mb"] - cost["idle"]["pss_mb"] < 64, cost
+
+
+def grpc_infer(server: TritonServer, blob: bytes) -> None:
+    """One image as bytes over gRPC (tritonclient raises what the server or the front answers)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        image = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([blob], dtype=object).reshape(1, 1))
+        client.infer("threegnet_image", [image], client_timeout=120)
+    finally:
+        client.close()
+
+
+# What a client sees when the front refuses a message: its own answer (RESOURCE_EXHAUSTED), or, when the
+# client is still sending, the reset of the stream that stops the upload (CANCELLED).
+GRPC_REFUSED = ("StatusCode.RESOURCE_EXHAUSTED", "StatusCode.CANCELLED")
+
+
+@pytest.mark.slow
+def test_a_grpc_message_over_the_cap_is_refused_before_triton_reads_it(server):
+    """Before the front, a 300 MiB image in one gRPC message was read whole (5.9 s), refused by the
+    preprocessing model, and left 302 MiB in its shared memory for good. Now the front reads the message's
+    length prefix and refuses it: nothing reaches Triton, ordinary requests go on."""
+    from tritonclient.utils import InferenceServerException
+
+    load = GoodLoad(server)
+    idle = tree_memory(server.process.pid)
+    load.start()
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            grpc_infer(server, good_png() + bytes(300 * MIB))
+    finally:
+        good = load.stop()
+    after = tree_memory(server.process.pid)
+    assert refused.value.status() in GRPC_REFUSED, refused.value
+    assert good and all(s == 200 for s, _, _ in good), [r for r in good if r[0] != 200][:3]
+    assert server.is_ready() and after["shm_mb"] - idle["shm_mb"] < 16, (idle, after)
+    assert after["pss_mb"] - idle["pss_mb"] < 64, (idle, after)
+
+
+@pytest.fixture(scope="module")
+def capped(model_repository: Path):
+    """A server whose front lets 1 MiB through: the cap's edge, tested with small bodies."""
+    with TritonServer.on_free_ports(model_repository, exit_timeout=3, max_request_mb=1) as s:
+        yield s
+
+
+@pytest.mark.slow
+def test_the_cap_is_where_the_flag_says_over_http_and_grpc(capped):
+    from tritonclient.utils import InferenceServerException
+
+    under, over = good_png(), good_png() + bytes(2 * MIB)  # trailing bytes after the PNG's end are ignored
+    assert infer(capped, under)[0] == 200
+    assert infer(capped, over)[0] == 413
+    grpc_infer(capped, under)
+    with pytest.raises(InferenceServerException) as refused:
+        grpc_infer(capped, over)
+    assert refused.value.status() in GRPC_REFUSED, refused.value
+    assert capped.is_ready()
+
+
+@pytest.mark.slow
+def test_a_grpc_call_that_sends_no_message_is_answered_not_held(capped):
+    """The front holds a call until its message's length prefix is in; a caller that never sends it is
+    answered 408 (Request Timeout) after 10 s, well before its own deadline, not held open."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    def silence():
+        time.sleep(40)
+        yield service_pb2.ModelInferRequest(model_name="threegnet_image")
+
+    with grpc.insecure_channel(capped.grpc_url) as channel:
+        call = channel.stream_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            call(silence(), timeout=30)
+    assert refused.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED, refused.value
+    assert "status: 408" in refused.value.details(), refused.value

@@ -31,6 +31,7 @@ from helpers import (
     tensor,
     wait_until,
 )
+from tritonclient.utils import InferenceServerException
 
 from client.inference import OVERLOAD_MESSAGES, ServerOverloaded, TritonClassifier
 from serve.server import TritonServer, free_port
@@ -159,7 +160,14 @@ def test_a_burst_far_over_capacity_is_refused_with_the_overload_error_and_the_se
     ]
     assert any("Exceeds maximum queue size" in message for _, message in refused)  # the bound did the shedding
     assert tight_server.is_ready()
-    infer_tensor(client)  # and it answers the next request
+    # And it answers what comes next. Triton 2.51's batcher can hold a lone request until its 500 ms wake-up,
+    # past this server's 200 ms queue timeout, when the machine is busy: a refusal, so three tries.
+    for attempt in range(3):
+        try:
+            infer_tensor(client)
+            break
+        except InferenceServerException as e:
+            assert attempt < 2 and overload_error(e.message()), e
     client.close()
 
 
