@@ -31,6 +31,7 @@ CROP = 224
 # counts it again with torch's FLOP counter and records both.
 GFLOP_PER_IMAGE = 13.6
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
+Result = tuple[dict[str, Any], str]  # what a part's or a study's run returns: its JSON data and its markdown
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,8 @@ def machine() -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onnxruntime": ort.__version__,
         "onnxruntime_providers": ort.get_available_providers(),
-        "onnx": version("onnx"),
         "numpy": np.__version__,
-        "tritonclient": version("tritonclient"),
-        "nvidia-pytriton": version("nvidia-pytriton"),
+        **{package: version(package) for package in ("onnx", "tritonclient", "nvidia-pytriton")},
         "load_average_at_start": load_average(),
     }
 
@@ -144,14 +143,12 @@ def alternate(
     """Call each function (it returns the seconds it measured: :meth:`Worker.bind`) once per round, in turn,
     ``rounds`` times after ``warmup`` untimed rounds; the ``gap`` lets the previous engine's thread pool stop
     spinning before the next starts."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-            time.sleep(gap)
     out: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
+    for i in range(warmup + rounds):
         for name, fn in fns.items():
-            out[name].append(fn())
+            seconds = fn()
+            if i >= warmup:
+                out[name].append(seconds)
             time.sleep(gap)
     return {name: Series(s) for name, s in out.items()}
 
@@ -196,15 +193,12 @@ class Worker(ProcessPoolExecutor):
 # -- models -------------------------------------------------------------------------------------------
 
 
-def ort_session(model: str | Path | bytes, threads: int = 0, profile_prefix: str | None = None, **config: str):
+def ort_session(model: str | Path | bytes, profile_prefix: str | None = None):
     """An onnxruntime CPU session on a model file (or its bytes) the way the server builds one."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    for key, value in config.items():
-        options.add_session_config_entry(key, value)
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -237,10 +231,7 @@ def export(serving, path: Path, crop: int) -> Path:
 
 def fp32_onnx(settings: Settings, work: Path, onnx_path: Path | None = None) -> Path:
     """``onnx_path``, or the serving model exported to ``work/model.onnx`` when there is none yet."""
-    if onnx_path is None:
-        serving, _ = build_serving(settings)
-        onnx_path = export(serving, work / "model.onnx", settings.crop)
-    return onnx_path
+    return onnx_path or export(build_serving(settings)[0], work / "model.onnx", settings.crop)
 
 
 def images(n: int, crop: int, seed: int = 0) -> np.ndarray:
@@ -277,7 +268,7 @@ def write(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> None
     (out_dir / f"{name}.md").write_text(markdown.rstrip() + "\n")
 
 
-def run_part(name: str, doc: str | None, run: Callable[..., tuple[dict[str, Any], str]], **flags: Any) -> int:
+def run_part(name: str, doc: str | None, run: Callable[..., Result], **flags: Any) -> int:
     """``main()`` of a part or study: ``--quick``, ``--out`` and ``--work``, plus an option per ``flags`` entry
     (its ``add_argument`` keywords) whose value ``run`` gets by name; writes and prints the tables."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -352,9 +343,9 @@ def eager_engine(settings: Settings, bf16: bool = False, state_dict_path: str | 
     return run
 
 
-def onnx_engine(path: str, crop: int, threads: int = 0, config: dict[str, str] | None = None) -> Callable[[Any], Any]:
+def onnx_engine(path: str, crop: int) -> Callable[[Any], Any]:
     """onnxruntime on an exported model: ``fn(batch size)`` runs noise, ``fn(images)`` returns probabilities."""
-    sess = ort_session(path, threads, **(config or {}))
+    sess = ort_session(path)
 
     def run(arg: int | np.ndarray) -> np.ndarray | None:
         (probabilities,) = sess.run(["probabilities"], {"image": _batch(arg, crop)})

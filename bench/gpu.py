@@ -71,22 +71,19 @@ def gpu_info() -> dict[str, Any]:
 
 def time_gpu(fn: Callable[[], object], min_seconds: float = 0.3, max_iters: int = 50) -> dict[str, float]:
     """Warm up, pick an iteration count worth ``min_seconds``, time those with CUDA events."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    one = max(start.elapsed_time(end) / 1e3, 1e-5)
-    iters = int(min(max_iters, max(5, min_seconds / one)))
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return {"ms": start.elapsed_time(end) / iters, "iterations": iters}
+
+    def elapsed_ms(iters: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    elapsed_ms(3)  # warm-up
+    iters = int(min(max_iters, max(5, min_seconds / max(elapsed_ms(1) / 1e3, 1e-5))))
+    return {"ms": elapsed_ms(iters) / iters, "iterations": iters}
 
 
 def timed_row(row: dict[str, Any], fn: Callable[[], object]) -> dict[str, Any]:
@@ -104,8 +101,7 @@ def timed_row(row: dict[str, Any], fn: Callable[[], object]) -> dict[str, Any]:
 
 def late(deadline: float, notes: list[str], what: str) -> bool:
     """Whether the time budget is spent, noting ``what`` was skipped if so."""
-    spent = time.monotonic() > deadline
-    if spent:
+    if spent := time.monotonic() > deadline:
         notes.append(f"time budget spent: {what}")
     return spent
 
@@ -160,32 +156,26 @@ def gpu_providers(batches: tuple[int, ...], work: Path, notes: list[str]) -> dic
 
 
 def ort_rows(
-    onnx_paths: dict[str, Path],
-    chains: dict[str, list[Any]],
-    batches: tuple[int, ...],
-    deadline: float,
-    notes: list[str],
+    paths: dict[str, Path], chains: dict[str, list[Any]], batches: tuple[int, ...], deadline: float, notes: list[str]
 ) -> list[dict[str, Any]]:
     import onnxruntime as ort
 
+    from export.verify import session
+
     rows = []
     for engine, chain in chains.items():
-        for name, path in onnx_paths.items():
+        for name, path in paths.items():
             if late(deadline, notes, f"{engine} {name} skipped"):
                 continue
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
             started = time.monotonic()
             try:
-                sess = ort.InferenceSession(str(path), options, providers=[*chain, "CPUExecutionProvider"])
+                sess = session(path, [*chain, "CPUExecutionProvider"])
             except Exception as e:  # a provider that fails to load or build: note it, go on
                 notes.append(f"{engine} {name}: session failed: {type(e).__name__}: {e}")
                 continue
-            build_s = time.monotonic() - started
-            if sess.get_providers()[0] != chain[0][0]:  # onnxruntime fell back (e.g. no TensorRT libraries)
-                notes.append(
-                    f"{engine} {name}: {chain[0][0]} could not be used (fell back to {sess.get_providers()[0]})"
-                )
+            build_s, used = time.monotonic() - started, sess.get_providers()[0]
+            if used != chain[0][0]:  # onnxruntime fell back (e.g. no TensorRT libraries)
+                notes.append(f"{engine} {name}: {chain[0][0]} could not be used (fell back to {used})")
                 continue
             for batch in batches:
                 if late(deadline, notes, f"{engine} {name} stopped before batch {batch}"):
@@ -199,15 +189,14 @@ def ort_rows(
     return rows
 
 
-def triton_missing(chains: dict[str, list[Any]]) -> str | None:
+def triton_missing(chains: dict[str, list[Any]], onnx_paths: dict[str, Path]) -> str | None:
     """Why Triton cannot be measured here, or None when it can."""
-    if shutil.which("tritonserver"):
-        return None
-    if importlib.util.find_spec("pytriton") is None:
-        return "no tritonserver on PATH and no nvidia-pytriton wheel"
-    if "onnxruntime_cuda" not in chains:
-        return "the nvidia-pytriton server's ONNX stand-in would run onnxruntime without CUDA"
-    return None
+    if not shutil.which("tritonserver"):
+        if importlib.util.find_spec("pytriton") is None:
+            return "no tritonserver on PATH and no nvidia-pytriton wheel"
+        if "onnxruntime_cuda" not in chains:
+            return "the nvidia-pytriton server's ONNX stand-in would run onnxruntime without CUDA"
+    return None if "resnet50_3g" in onnx_paths else "no ONNX export of ResNet50-3G in this run"
 
 
 def triton_rows(onnx_path: Path, deadline: float, notes: list[str], work: Path) -> list[dict[str, Any]]:
@@ -253,9 +242,7 @@ def markdown(info: dict[str, Any], table: list[dict[str, Any]], notes: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "gpu", help="folder for gpu.json / gpu.md"
-    )
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/gpu", help="for gpu.json and gpu.md")
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--budget", type=float, default=270.0, help="seconds; later measurements are skipped past it")
     p.add_argument("--skip-onnx", action="store_true", help="PyTorch only")
@@ -293,9 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"ONNX export failed ({type(e).__name__}: {e}): onnxruntime skipped")
                 onnx_paths = {}
         rows += ort_rows(onnx_paths, chains, batches, deadline, notes)
-        why_not = triton_missing(chains)
-        if why_not is None and "resnet50_3g" not in onnx_paths:
-            why_not = "no ONNX export of ResNet50-3G in this run"
+        why_not = triton_missing(chains, onnx_paths)
         if why_not:
             notes.append(f"Triton skipped: {why_not}")
         else:

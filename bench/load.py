@@ -4,6 +4,7 @@ returns answers, refusals, latency percentiles, CPU and Triton's own statistics 
 
 from __future__ import annotations
 
+import importlib
 import os
 import resource
 import threading
@@ -21,6 +22,7 @@ from client.inference import OVERLOAD_MESSAGES
 
 MODEL = "threegnet"  # the ONNX model; "threegnet_image" is the ensemble that decodes files first
 PERCENTILES = {"p50_ms": 50, "p90_ms": 90, "p99_ms": 99, "p999_ms": 99.9}
+Reading = tuple[float, float, Counter | None]  # client CPU s, server CPU s, Triton's counters (None: refused)
 
 
 def triton(onnx_path: Path, settings: Settings, repo: Path, overrides: dict[str, Any] | None = None) -> Any:
@@ -33,16 +35,10 @@ def triton(onnx_path: Path, settings: Settings, repo: Path, overrides: dict[str,
 
     overrides = dict(overrides or {})
     delay_us = overrides.pop("queue_delay_us", None)
-    pp = Preprocessing(resize=settings.resize, crop=settings.crop)
-    spec = ModelSpec(
-        name=MODEL,
-        num_classes=settings.num_classes,
-        crop=settings.crop,
-        weight_map_shape=(settings.crop // 16, settings.crop // 16),
-        parameters={"arch": settings.arch, "num_classes": settings.num_classes, "preprocessing": pp.to_dict()},
-        **overrides,
-    )
-    write_repository(repo, spec, onnx_path, [f"class_{i}" for i in range(settings.num_classes)], pp.to_dict(), 1)
+    pp = Preprocessing(resize=settings.resize, crop=settings.crop).to_dict()
+    parameters = {"arch": settings.arch, "num_classes": settings.num_classes, "preprocessing": pp}
+    spec = ModelSpec(MODEL, settings.num_classes, settings.crop, (settings.crop // 16,) * 2, parameters, **overrides)
+    write_repository(repo, spec, onnx_path, [f"class_{i}" for i in range(settings.num_classes)], pp, 1)
     if delay_us is not None:
         config = repo / MODEL / "config.pbtxt"
         parsed = parse_pbtxt(config.read_text())
@@ -57,22 +53,18 @@ class Load:
     ``timeout`` seconds (counted as failed), so a run that meets a hung server still ends."""
 
     def __init__(self, server: Any, items: Sequence[Any], protocol: str = "grpc", timeout: float = 30.0) -> None:
-        import tritonclient.grpc as grpcclient
-        import tritonclient.http as httpclient
-
         self.items, self.protocol, self.timeout = items, protocol, timeout
         self.encoded = isinstance(items[0], bytes)
         self.model = f"{MODEL}_image" if self.encoded else MODEL
         self.server_pid = server.process.pid  # also the process group of its backend stubs
-        if protocol == "grpc":
-            self.module, self.url, self.headers = grpcclient, server.grpc_url, server.grpc_control_headers
-        else:
-            self.module, self.url, self.headers = httpclient, server.http_url, server.control_headers
+        self.module = importlib.import_module(f"tritonclient.{protocol}")
+        grpc = protocol == "grpc"
+        self.url = server.grpc_url if grpc else server.http_url
+        self.headers = server.grpc_control_headers if grpc else server.control_headers
 
     def client(self) -> Any:
-        if self.protocol == "grpc":
-            return self.module.InferenceServerClient(self.url)
-        return self.module.InferenceServerClient(self.url, network_timeout=self.timeout)
+        timeout = {} if self.protocol == "grpc" else {"network_timeout": self.timeout}  # gRPC: per request
+        return self.module.InferenceServerClient(self.url, **timeout)
 
     def inputs(self, i: int) -> list[Any]:
         item = self.items[i % len(self.items)]
@@ -108,7 +100,7 @@ class Load:
                 out[f"batch_{b['batch_size']}"] += int(b.get("compute_infer", {}).get("count", 0))
         return out
 
-    def reading(self, client: Any) -> tuple[float, float, Counter | None]:
+    def reading(self, client: Any) -> Reading:
         """Client and server CPU seconds so far, and Triton's counters (None where statistics are refused)."""
         own = resource.getrusage(resource.RUSAGE_SELF)
         try:
@@ -122,7 +114,7 @@ class Load:
         ``warmup`` are measured. ``check``: raise if any request failed."""
         clients = [self.client() for _ in range(concurrency + 1)]  # the last reads statistics: HTTP's aren't shared
         outcomes: list[tuple[float, str | None]] = []
-        marks: list[tuple[float, float, Counter | None]] = []
+        marks: list[Reading] = []
         t0 = time.perf_counter() + 0.05 + warmup
         t1 = t0 + seconds
 
@@ -151,8 +143,7 @@ class Load:
         for c in clients:
             c.close()
         result = summarize(outcomes, seconds, *_window(*marks))
-        if check and (result["refused"] or result["failed"]):
-            failed = result["refused"] + result["failed"]
+        if check and (failed := result["sent"] - result["answered"]):
             raise RuntimeError(f"{failed} failed requests, first: {result['failures'][0]}")
         return result
 
@@ -198,16 +189,10 @@ def capacity(load: Load, quick: bool) -> float:
     return rate
 
 
-def _window(
-    before: tuple[float, float, Counter | None], after: tuple[float, float, Counter | None]
-) -> tuple[float, float, dict[str, int] | None]:
+def _window(before: Reading, after: Reading) -> tuple[float, float, dict[str, int] | None]:
     """Client CPU, server CPU and Triton's counters over a window, from readings at its edges."""
     counts = dict(after[2] - before[2]) if before[2] is not None and after[2] is not None else None
     return after[0] - before[0], after[1] - before[1], counts
-
-
-def _ms(values: Sequence[float], q: float) -> float | None:
-    return 1e3 * float(np.percentile(values, q)) if len(values) else None
 
 
 def summarize(
@@ -231,13 +216,12 @@ def summarize(
         "seconds": seconds,
         "requests": len(answered),  # answered in the window, the figure throughput is made of
         "images_per_s": len(answered) / seconds,
-        **{key: _ms(answered, q) for key, q in PERCENTILES.items()},
+        **{key: 1e3 * float(np.percentile(answered, q)) if answered else None for key, q in PERCENTILES.items()},
         "refusal_max_ms": 1e3 * max(refused) if refused else None,
         "client_cpu_s": client_cpu_s,
+        "server_cpu_s": server_cpu_s,  # the Triton process tree's; None where not measured
         "outcomes": list(outcomes),
     }
-    if server_cpu_s is not None:
-        out["window_cpu_s"] = {"client": client_cpu_s, "server": server_cpu_s}
     if server_counts is not None:
         out["server"] = server_view(server_counts)
     return out
@@ -259,14 +243,12 @@ def server_view(counts: dict[str, int]) -> dict[str, Any]:
 
 def combine(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Windows of one configuration pooled into one record (their requests, counters and CPU summed)."""
-    counts: Counter = Counter()
-    for r in results:
-        counts.update(r.get("server", {}).get("counts", {}))
+    counts = sum((Counter(r.get("server", {}).get("counts", {})) for r in results), Counter())
     return summarize(
         [o for r in results for o in r["outcomes"]],
         sum(r["seconds"] for r in results),
         client_cpu_s=sum(r["client_cpu_s"] for r in results),
-        server_cpu_s=sum(r["window_cpu_s"]["server"] for r in results) if "window_cpu_s" in results[0] else None,
+        server_cpu_s=None if results[0]["server_cpu_s"] is None else sum(r["server_cpu_s"] for r in results),
         server_counts=dict(counts) if "server" in results[0] else None,
     )
 

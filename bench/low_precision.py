@@ -33,12 +33,8 @@ RECALIBRATION_IMAGES = 32
 HELD_OUT_PER_CLASS = 256
 # Speed is compared within an engine (INT8 vs fp32 onnxruntime, bf16 vs fp32 PyTorch); agreement with
 # onnxruntime fp32, which the export verified against PyTorch fp32 (probabilities within 1e-3, the same top-1).
-SPEED_REFERENCE = {
-    "onnxruntime_fp32": "eager_fp32",
-    "onnxruntime_int8": "onnxruntime_fp32",
-    "onnxruntime_int8_early_fp32": "onnxruntime_fp32",
-    "eager_bf16": "eager_fp32",
-}
+SPEED_REFERENCE = {"onnxruntime_fp32": "eager_fp32", "onnxruntime_int8": "onnxruntime_fp32",
+                   "onnxruntime_int8_early_fp32": "onnxruntime_fp32", "eager_bf16": "eager_fp32"}  # fmt: skip
 COMPARED = ("onnxruntime_int8", "onnxruntime_int8_early_fp32", "eager_bf16")  # with onnxruntime fp32
 
 
@@ -167,39 +163,34 @@ def run(settings: Settings, work: Path, keep: dict[str, Any] | None = None) -> t
                 for name, w in workers.items()
                 if name != "eager_fp32"
             }
+    fp32_probs = probs["onnxruntime_fp32"]
     rows, table = [], []
     for name in engines:
-        median = series[name].median
+        median, reference = series[name].median, SPEED_REFERENCE.get(name)
         row: dict[str, Any] = {
             "engine": name, "ms_per_batch": 1e3 * median, "images_per_s": batch / median,
             "accuracy": float((probs[name].argmax(1) == val_y).mean()) if name in probs else None,
-            "speed_reference": SPEED_REFERENCE.get(name),
-            "speedup_vs_reference": series[SPEED_REFERENCE.get(name, name)].median / median,
+            "speed_reference": reference, "speedup_vs_reference": series[reference or name].median / median,
             "speedup_vs_onnxruntime_fp32": series["onnxruntime_fp32"].median / median, "series": series[name].to_dict(),
         }  # fmt: skip
         agreement_cells = [""] * 4
         if name in COMPARED:  # as the export's INT8 gate measures it (margin: fp32's top-1 minus top-2 probability)
-            a = agreement(probs[name], probs["onnxruntime_fp32"], val_y)
+            a = agreement(probs[name], fp32_probs, val_y)
             confident = 1 - a.confident_disagreements / a.confident if a.confident else None
-            row |= {
-                **asdict(a),
-                "agreement_reference": "onnxruntime_fp32",
-                "confident_agreement": confident,
-                "max_abs_diff_probability": float(np.abs(probs[name] - probs["onnxruntime_fp32"]).max()),
-            }
-            agreement_cells = [f"{100 * a.top1_agreement:.1f}%", f"{row['max_abs_diff_probability']:.2g}",
+            diff = float(np.abs(probs[name] - fp32_probs).max())
+            row |= asdict(a) | {"confident_agreement": confident, "max_abs_diff_probability": diff}
+            agreement_cells = [f"{100 * a.top1_agreement:.1f}%", f"{diff:.2g}",
                                ", ".join(f"{m:.2f}" for m in a.disagreement_margins) or "none",
                                "" if confident is None else f"{100 * confident:.1f}%"]  # fmt: skip
         rows.append(row)
         table.append(
             [name.replace("_", " "), f"{row['ms_per_batch']:.0f}", f"{row['images_per_s']:.1f}",
-             SPEED_REFERENCE.get(name, "").replace("_", " "),
-             f"{row['speedup_vs_reference']:.2f}x" if name in SPEED_REFERENCE else "",
+             (reference or "").replace("_", " "), f"{row['speedup_vs_reference']:.2f}x" if reference else "",
              f"{row['speedup_vs_onnxruntime_fp32']:.2f}x", *agreement_cells,
              "" if row["accuracy"] is None else f"{100 * row['accuracy']:.0f}%"]
         )  # fmt: skip
     by = {r["engine"]: r for r in rows}
-    q8, early_fp32, bf16 = by["onnxruntime_int8"], by["onnxruntime_int8_early_fp32"], by["eager_bf16"]
+    q8 = by["onnxruntime_int8"]
     data = {
         "arch": settings.arch, "crop": settings.crop, "num_classes": settings.num_classes,
         "classes_used": list(CLASS_NAMES[: settings.classes]), "batch": batch, "held_out_images": len(val_x),
@@ -207,10 +198,7 @@ def run(settings: Settings, work: Path, keep: dict[str, Any] | None = None) -> t
         "int8_speedup": q8["speedup_vs_reference"], "int8_top1_agreement": q8["top1_agreement"],
         "int8_accuracy_ratio": q8["accuracy"] / by["onnxruntime_fp32"]["accuracy"],
         "int8_confident_agreement": q8["confident_agreement"],
-        "int8_early_fp32_top1_agreement": early_fp32["top1_agreement"],
-        "int8_early_fp32_speedup": early_fp32["speedup_vs_reference"],
-        "bf16_speedup_vs_eager_fp32": bf16["speedup_vs_reference"], "bf16_top1_agreement": bf16["top1_agreement"],
-        "rows": rows,
+        "bf16_top1_agreement": by["eager_bf16"]["top1_agreement"], "rows": rows,
     }  # fmt: skip
     markdown = (
         f"### Low precision on the CPU ({settings.arch}, {settings.crop}x{settings.crop}, batch {batch})\n\n"
@@ -239,9 +227,5 @@ def run(settings: Settings, work: Path, keep: dict[str, Any] | None = None) -> t
     return data, markdown
 
 
-def main() -> int:
-    return run_part("low_precision", __doc__, run)
-
-
 if __name__ == "__main__":
-    entry(main)
+    entry(lambda: run_part("low_precision", __doc__, run))

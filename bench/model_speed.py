@@ -63,12 +63,7 @@ def sgemm_torch_engine(n: int) -> Callable[[Any], object]:
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-
-    def run(_: Any) -> object:
-        with torch.inference_mode():
-            return torch.mm(a, b)
-
-    return run
+    return torch.inference_mode()(lambda _: torch.mm(a, b))
 
 
 def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
@@ -91,35 +86,25 @@ def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
     ):
         for batch in settings.batches:
             rounds = max(2, settings.rounds - 2) if batch >= 32 else settings.rounds
-            fns = {
-                "sgemm_onnxruntime": sgemm_onnx.bind(),
-                "sgemm_torch": sgemm_torch.bind(),
-                "eager": eager.bind(batch),
-                "onnxruntime": onnx.bind(batch),
-            }
+            fns = {"sgemm_onnxruntime": sgemm_onnx.bind(), "sgemm_torch": sgemm_torch.bind(),
+                   "eager": eager.bind(batch), "onnxruntime": onnx.bind(batch)}  # fmt: skip
             with stage(f"model speed, batch {batch}: eager, onnxruntime and sgemm, {rounds} alternating rounds"):
                 series = alternate(fns, rounds)
-            peak_med = max(peak_flop / series[k].median for k in ("sgemm_onnxruntime", "sgemm_torch")) / 1e9
-            peak_best = max(peak_flop / series[k].best for k in ("sgemm_onnxruntime", "sgemm_torch")) / 1e9
-            eager_s, onnx_s = series["eager"], series["onnxruntime"]
-            ort_gflops = gflop * batch / onnx_s.median
+            sgemms = ("sgemm_onnxruntime", "sgemm_torch")
+            sgemm = {f"{k}_gflops": peak_flop / series[k].median / 1e9 for k in sgemms}
+            peak_med, peak_best = max(sgemm.values()), max(peak_flop / series[k].best for k in sgemms) / 1e9
+            eager_s, onnx_s = series["eager"].median, series["onnxruntime"].median
+            ort_gflops = gflop * batch / onnx_s
             row = {
-                "batch": batch,
-                "eager_ms": 1e3 * eager_s.median,
-                "onnxruntime_ms": 1e3 * onnx_s.median,
-                "eager_images_per_s": batch / eager_s.median,
-                "onnxruntime_images_per_s": batch / onnx_s.median,
-                "onnx_speedup_vs_eager": eager_s.median / onnx_s.median,
-                "eager_gflops": gflop * batch / eager_s.median,
-                "onnxruntime_gflops": ort_gflops,
-                "peak_gflops": peak_med,
+                "batch": batch, "eager_ms": 1e3 * eager_s, "onnxruntime_ms": 1e3 * onnx_s,
+                "eager_images_per_s": batch / eager_s, "onnxruntime_images_per_s": batch / onnx_s,
+                "onnx_speedup_vs_eager": eager_s / onnx_s, "eager_gflops": gflop * batch / eager_s,
+                "onnxruntime_gflops": ort_gflops, "peak_gflops": peak_med,
                 "onnxruntime_fraction_of_peak": ort_gflops / peak_med,
                 # The least-disturbed run of each: what the machine does when nothing else runs.
-                "onnxruntime_fraction_of_peak_best": (gflop * batch / onnx_s.best) / peak_best,
-                "sgemm_onnxruntime_gflops": peak_flop / series["sgemm_onnxruntime"].median / 1e9,
-                "sgemm_torch_gflops": peak_flop / series["sgemm_torch"].median / 1e9,
-                "series": {k: s.to_dict() for k, s in series.items()},
-            }
+                "onnxruntime_fraction_of_peak_best": (gflop * batch / series["onnxruntime"].best) / peak_best,
+                **sgemm, "series": {k: s.to_dict() for k, s in series.items()},
+            }  # fmt: skip
             rows.append(row)
             table.append(
                 [batch, f"{row['eager_ms']:.0f}", f"{row['onnxruntime_ms']:.0f}",
@@ -129,15 +114,9 @@ def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
                  f"{100 * row['onnxruntime_fraction_of_peak_best']:.0f}%"]
             )  # fmt: skip
             log(f"   batch {batch}: {table[-1]}")
-    data = {
-        "arch": settings.arch,
-        "crop": settings.crop,
-        "gflop_per_image": gflop,
-        "gflop_per_image_counted": counted,
-        "sgemm_size": n,
-        "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": "default (one per core)"},
-        "rows": rows,
-    }
+    threads = {"torch": torch.get_num_threads(), "onnxruntime_intra_op": "default (one per core)"}
+    data = {"arch": settings.arch, "crop": settings.crop, "gflop_per_image": gflop, "gflop_per_image_counted": counted,
+            "sgemm_size": n, "threads": threads, "rows": rows}  # fmt: skip
     markdown = (
         "### Model speed: PyTorch eager vs ONNX in onnxruntime "
         f"({settings.arch}, {settings.crop}x{settings.crop}, fp32)\n\n"
@@ -153,9 +132,5 @@ def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
     return data, markdown
 
 
-def main() -> int:
-    return run_part("model_speed", __doc__, run)
-
-
 if __name__ == "__main__":
-    entry(main)
+    entry(lambda: run_part("model_speed", __doc__, run))

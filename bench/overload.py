@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.common import Settings, entry, fp32_onnx, images, log, md_table, num, run_part, stage
+from bench.common import Result, Settings, entry, fp32_onnx, images, log, md_table, num, run_part, stage
 from bench.load import Load, brief, capacity, server_rss_mb, triton
 
 LEVELS = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -16,7 +16,7 @@ SLO_S = 2.0  # a later answer counts as answered, not as goodput (the p99 target
 VARIANTS = {"queue policy (shipped)": {}, "no queue policy": {"queue_timeout_ms": 0, "max_queue_size": 0}}
 
 
-def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> tuple[dict[str, Any], str]:
+def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> Result:
     onnx_path = fp32_onnx(settings, work, onnx_path)
     seconds = 3.0 if settings.quick else 30.0
     tensors = list(images(64, settings.crop, seed=5))
@@ -32,14 +32,10 @@ def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> tuple[
                     row = requests.open(level * rate, seconds, seed=int(10 * level))
                     goodput = sum(lat <= SLO_S for lat, error in row["outcomes"] if error is None) / seconds
                     row = brief(row) | {
-                        "variant": variant,
-                        "level": level,
-                        "goodput_per_s": goodput,
-                        "goodput_of_capacity": goodput / rate,
-                        "ready_after": server.is_ready(),
-                        "rss_mb_before": rss_before,
-                        "rss_mb_after": server_rss_mb(server.process.pid),
-                    }
+                        "variant": variant, "level": level, "goodput_per_s": goodput,
+                        "goodput_of_capacity": goodput / rate, "ready_after": server.is_ready(),
+                        "rss_mb_before": rss_before, "rss_mb_after": server_rss_mb(server.process.pid),
+                    }  # fmt: skip
                 rows.append(row)
                 log(f"   goodput {goodput:.1f}/s, refused {row['refused']}, p99 {num(row['p99_ms'])} ms")
     table = [
@@ -66,9 +62,5 @@ def run(settings: Settings, work: Path, onnx_path: Path | None = None) -> tuple[
     return {"capacity_per_s": rate, "seconds_per_level": seconds, "rows": rows, "policy_at_2x": at2}, markdown
 
 
-def main() -> int:
-    return run_part("overload", __doc__, run)
-
-
 if __name__ == "__main__":
-    entry(main)
+    entry(lambda: run_part("overload", __doc__, run))

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import Settings, entry, fp32_onnx, log, md_table, num, run_part, stage
+from bench.common import Result, Settings, entry, fp32_onnx, log, md_table, num, run_part, stage
 from bench.load import Load, brief, combine, triton
 
 CONCURRENCY = 4
@@ -71,16 +71,6 @@ def payloads(settings: Settings) -> dict[str, list[bytes]]:
     return out
 
 
-def cpu_ms(row: dict[str, Any], path: str) -> float:
-    """Server + client CPU milliseconds one image costs on ``path`` ("tensor" or "bytes")."""
-    return row[f"{path}_server_cpu_ms"] + row[f"{path}_client_cpu_ms"]
-
-
-def cores_busy(row: dict[str, Any], path: str) -> float:
-    """How many cores ``path`` kept busy on average (server and client together)."""
-    return cpu_ms(row, path) * row[f"{path}_images_per_s"] / 1e3
-
-
 def measure(
     settings: Settings, work: Path, onnx_path: Path, files: dict[str, list[bytes]], instances: int, seconds: float
 ) -> list[dict[str, Any]]:
@@ -100,28 +90,26 @@ def measure(
                 for _ in range(WINDOWS):
                     for path, requests in paths.items():
                         windows[path].append(requests.closed(CONCURRENCY, seconds / WINDOWS, warmup=1.5))
-            row: dict[str, Any] = {
-                "preprocess_instances": instances,
-                "payload": kind,
-                "median_bytes": float(np.median([len(b) for b in blobs])),
-            }
+            row: dict[str, Any] = {"preprocess_instances": instances, "payload": kind,
+                                   "median_bytes": float(np.median([len(b) for b in blobs]))}  # fmt: skip
+            cpu_ms = {}  # server + client CPU milliseconds one image costs on each path
             for path, results in windows.items():
-                pooled = combine(results)
-                row[path] = brief(pooled)
-                row[f"{path}_images_per_s"] = float(np.mean([r["images_per_s"] for r in results]))
+                pooled = combine(results)  # equal windows: its img/s is their mean
+                row |= {path: brief(pooled), f"{path}_images_per_s": pooled["images_per_s"]}
                 for side in ("server", "client"):
-                    row[f"{path}_{side}_cpu_ms"] = 1e3 * pooled["window_cpu_s"][side] / max(1, pooled["requests"])
+                    row[f"{path}_{side}_cpu_ms"] = 1e3 * pooled[f"{side}_cpu_s"] / max(1, pooled["requests"])
+                cpu_ms[path] = row[f"{path}_server_cpu_ms"] + row[f"{path}_client_cpu_ms"]
             row["p50_ms"] = row["bytes"]["p50_ms"]
             row["bytes_vs_tensor"] = row["bytes_images_per_s"] / row["tensor_images_per_s"]
-            row["cpu_ratio"] = cpu_ms(row, "tensor") / cpu_ms(row, "bytes")
+            row["cpu_ratio"] = cpu_ms["tensor"] / cpu_ms["bytes"]
+            # How many cores each path kept busy on average (server and client together).
+            row["cores_busy"] = {path: ms * row[f"{path}_images_per_s"] / 1e3 for path, ms in cpu_ms.items()}
             log(f"   {row['bytes_vs_tensor']:.2f}x the tensor path's img/s; CPU ratio {row['cpu_ratio']:.2f}")
             rows.append(row)
     return rows
 
 
-def run(
-    settings: Settings, work: Path, onnx_path: Path | None = None, instances: Sequence[int] | None = None
-) -> tuple[dict[str, Any], str]:
+def run(settings: Settings, work: Path, onnx_path: Path | None = None, instances: list[int] | None = None) -> Result:
     from export.triton_config import PREPROCESS_INSTANCES
 
     onnx_path = fp32_onnx(settings, work, onnx_path)
@@ -136,7 +124,7 @@ def run(
          f"{r['tensor_images_per_s']:.2f}", f"{r['bytes_vs_tensor']:.2f}x",
          f"{r['tensor_server_cpu_ms']:.0f} + {r['tensor_client_cpu_ms']:.0f}",
          f"{r['bytes_server_cpu_ms']:.0f} + {r['bytes_client_cpu_ms']:.0f}", f"{r['cpu_ratio']:.2f}",
-         f"{cores_busy(r, 'tensor'):.2f} / {cores_busy(r, 'bytes'):.2f}", num(r["p50_ms"])]
+         f"{r['cores_busy']['tensor']:.2f} / {r['cores_busy']['bytes']:.2f}", num(r["p50_ms"])]
         for r in rows
     ]  # fmt: skip
     markdown = (
@@ -153,20 +141,11 @@ def run(
         "the Triton process tree's and the load generator's user + system time per image answered; cores busy = "
         "CPU per image x images/s. How to read the two ratios: docs/performance.md section 7.\n"
     )
-    shipped = [r for r in rows if r["preprocess_instances"] == counts[0]]
-    data = {
-        "concurrency": CONCURRENCY,
-        "rows": rows,
-        "bytes_vs_tensor": {r["payload"]: r["bytes_vs_tensor"] for r in shipped},
-        "cpu_ratio": {r["payload"]: r["cpu_ratio"] for r in shipped},
-    }
-    return data, markdown
-
-
-def main() -> int:
-    counts = {"type": int, "nargs": "+", "help": "preprocessing instance counts to compare"}
-    return run_part("payloads", __doc__, run, instances=counts)
+    shipped = [r for r in rows if r["preprocess_instances"] == counts[0]]  # the figures run.py's targets read
+    by_payload = {key: {r["payload"]: r[key] for r in shipped} for key in ("bytes_vs_tensor", "cpu_ratio")}
+    return {"concurrency": CONCURRENCY, "rows": rows, **by_payload}, markdown
 
 
 if __name__ == "__main__":
-    entry(main)
+    counts = {"type": int, "nargs": "+", "help": "preprocessing instance counts to compare"}
+    entry(lambda: run_part("payloads", __doc__, run, instances=counts))

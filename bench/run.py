@@ -70,11 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         for part in args.parts:
             part_start = time.perf_counter()
             log(f"== {part}")
+            reuse = [onnx_path] if part not in ("speed", "precision") and onnx_path.is_file() else []  # own models
             try:
-                if part in ("speed", "precision"):  # models of their own
-                    data, md = PARTS[part].run(settings, onnx_path.parent)
-                else:
-                    data, md = PARTS[part].run(settings, onnx_path.parent, onnx_path if onnx_path.is_file() else None)
+                data, md = PARTS[part].run(settings, onnx_path.parent, *reuse)
             except Exception as e:  # one broken part must not hide the others' numbers
                 data = {"error": f"{type(e).__name__}: {e}"}
                 md = f"### {part}: failed\n\n```\n{traceback.format_exc()}```\n"
@@ -88,15 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     info["seconds"] = round(time.perf_counter() - started, 1)
     checks = targets(results)
     rows = [[t["target"], t["goal"], t["text"], "yes" if t["met"] else "no"] for t in checks]
-    markdown = "\n\n".join(
-        [
-            "## CPU benchmarks" + (" (quick smoke run: a small model, not the real numbers)" if args.quick else ""),
-            machine_markdown(info) + f" Load average at the end {info['load_average_at_end']}; "
-            f"the whole run took {info['seconds'] / 60:.1f} min.",
-            "### Targets\n\n" + md_table(["target", "goal", "measured", "met"], rows),
-            *sections.values(),
-        ]
-    )
+    title = "## CPU benchmarks" + (" (quick smoke run: a small model, not the real numbers)" if args.quick else "")
+    ran = f" Load average at the end {info['load_average_at_end']}; the whole run took {info['seconds'] / 60:.1f} min."
+    table = "### Targets\n\n" + md_table(["target", "goal", "measured", "met"], rows)
+    markdown = "\n\n".join([title, machine_markdown(info) + ran, table, *sections.values()])
     write(out, "bench", {"machine": info, "quick": args.quick, "targets": checks, **results}, markdown)
     print(markdown)
     log(f"wrote {out / 'bench.md'} and {out / 'bench.json'} in {info['seconds']:.0f} s")

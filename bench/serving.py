@@ -53,52 +53,26 @@ def wire_bytes(requests: Load) -> dict[str, int]:
         client.close()
 
 
-def in_process(worker: Worker, batch: int, seconds: float) -> list[float]:
-    """Back-to-back in-process runs at ``batch`` for about ``seconds`` (at least two): their durations."""
-    worker.run(batch)  # warm-up
-    times: list[float] = []
-    while len(times) < 2 or sum(times) < seconds:
-        times.append(worker.run(batch)[0])
-    return times
-
-
-def measure(
-    server: Any, onnx_path: Path, settings: Settings, seconds: float, warmup: float, combos: tuple[tuple[str, str], ...]
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
-    """Every (concurrency, protocol, input) row, each next to in-process onnxruntime at that batch size."""
-    items = {"tensor": list(images(16, settings.crop, seed=1)), "bytes": jpeg_images(settings, 16)}
-    wire = {f"{p}_{k}": wire_bytes(Load(server, items[k], p)) for p, k in combos}
-    rows: list[dict[str, Any]] = []
-    with Worker(onnx_engine, str(onnx_path), settings.crop) as worker:
-        for concurrency in settings.concurrency:
-            for protocol, kind in combos:
-                requests = Load(server, items[kind], protocol)
-                windows, base = [], []
-                with stage(f"Triton {protocol} {kind}, concurrency {concurrency}, vs in-process batch {concurrency}"):
-                    for _ in range(WINDOWS):  # S I S I: outside load changes by the second
-                        windows.append(requests.closed(concurrency, seconds / WINDOWS, warmup))
-                        base += in_process(worker, concurrency, seconds / WINDOWS / 2)
-                result = brief(combine(windows))
-                baseline = {
-                    "batch": concurrency,
-                    "images_per_s": concurrency * len(base) / sum(base),
-                    "latency_ms": 1e3 * float(np.median(base)),
-                    "runs": len(base),
-                }
-                row = {
-                    "protocol": protocol,
-                    "input": kind,
-                    "concurrency": concurrency,
-                    **result,
-                    "client_cpu_cores": result["client_cpu_s"] / seconds,
-                    "mean_server_batch": result.get("server", {}).get("mean_batch", float("nan")),
-                    "in_process": baseline,
-                    "fraction_of_in_process": result["images_per_s"] / baseline["images_per_s"],
-                }
-                rows.append(row)
-                log(f"   {result['images_per_s']:.2f} img/s = {row['fraction_of_in_process']:.0%} of in-process; "
-                    f"p50 {num(result['p50_ms'])} ms, p99 {num(result['p99_ms'])} ms")  # fmt: skip
-    return rows, wire
+def measure(requests: Load, worker: Worker, concurrency: int, seconds: float, warmup: float) -> dict[str, Any]:
+    """One row: served windows at ``concurrency``, each followed by in-process runs at that batch size for half
+    as long (S I S I: outside load changes by the second)."""
+    windows, base = [], []
+    for _ in range(WINDOWS):
+        windows.append(requests.closed(concurrency, seconds / WINDOWS, warmup))
+        worker.run(concurrency)  # warm-up
+        runs: list[float] = []
+        while len(runs) < 2 or sum(runs) < seconds / WINDOWS / 2:
+            runs.append(worker.run(concurrency)[0])
+        base += runs
+    result = brief(combine(windows))
+    baseline = {"batch": concurrency, "images_per_s": concurrency * len(base) / sum(base),
+                "latency_ms": 1e3 * float(np.median(base)), "runs": len(base)}  # fmt: skip
+    return {
+        "protocol": requests.protocol, "input": "bytes" if requests.encoded else "tensor", "concurrency": concurrency,
+        **result, "client_cpu_cores": result["client_cpu_s"] / seconds,
+        "mean_server_batch": result.get("server", {}).get("mean_batch", float("nan")),
+        "in_process": baseline, "fraction_of_in_process": result["images_per_s"] / baseline["images_per_s"],
+    }  # fmt: skip
 
 
 def run(
@@ -112,8 +86,20 @@ def run(
 
     onnx_path = fp32_onnx(settings, work, onnx_path)
     seconds, warmup = settings.serve_seconds, 1.0 if settings.quick else 2.0
-    with triton(onnx_path, settings, work / "repository", overrides) as server:
-        rows, wire = measure(server, onnx_path, settings, seconds, warmup, combos)
+    items = {"tensor": list(images(16, settings.crop, seed=1)), "bytes": jpeg_images(settings, 16)}
+    rows: list[dict[str, Any]] = []
+    with (
+        triton(onnx_path, settings, work / "repository", overrides) as server,
+        Worker(onnx_engine, str(onnx_path), settings.crop) as worker,
+    ):
+        wire = {f"{p}_{k}": wire_bytes(Load(server, items[k], p)) for p, k in combos}
+        for concurrency in settings.concurrency:
+            for protocol, kind in combos:
+                with stage(f"Triton {protocol} {kind}, concurrency {concurrency}, vs in-process batch {concurrency}"):
+                    row = measure(Load(server, items[kind], protocol), worker, concurrency, seconds, warmup)
+                rows.append(row)
+                log(f"   {row['images_per_s']:.2f} img/s = {row['fraction_of_in_process']:.0%} of in-process; "
+                    f"p50 {num(row['p50_ms'])} ms, p99 {num(row['p99_ms'])} ms")  # fmt: skip
     shipped = {
         "instances": tc.MODEL_INSTANCES, "intra_op_threads": tc.INTRA_OP_THREADS, "max_batch_size": tc.MAX_BATCH_SIZE,
         "queue_delay_us": tc.QUEUE_DELAY_US, "preprocess_instances": tc.PREPROCESS_INSTANCES, **(overrides or {}),
@@ -147,9 +133,5 @@ def run(
     return data, markdown
 
 
-def main() -> int:
-    return run_part("serving", __doc__, run)
-
-
 if __name__ == "__main__":
-    entry(main)
+    entry(lambda: run_part("serving", __doc__, run))

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import Settings, entry, fp32_onnx, images, load_average, log, md_table, num, run_part
+from bench.common import Result, Settings, entry, fp32_onnx, images, load_average, log, md_table, num, run_part
 from bench.load import Load, brief, capacity, server_rss_mb, triton
 
 LOAD_LEVEL = 0.7  # of each server's capacity on its half of the cores
@@ -26,21 +26,17 @@ VARIANTS = {"queue policy (shipped)": {}, "queue timeout off": {"queue_timeout_m
 THREADS = max(1, len(os.sched_getaffinity(0)) // len(VARIANTS))
 
 
-def run(
-    settings: Settings, work: Path, onnx_path: Path | None = None, minutes: int | None = None
-) -> tuple[dict[str, Any], str]:
+def run(settings: Settings, work: Path, onnx_path: Path | None = None, minutes: int | None = None) -> Result:
     onnx_path = fp32_onnx(settings, work, onnx_path)
     minutes = minutes or (QUICK_MINUTES if settings.quick else MINUTES)
     window = QUICK_WINDOW_S if settings.quick else 60.0
     tensors = list(images(64, settings.crop, seed=7))
     rows: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     with contextlib.ExitStack() as stack:
-        servers = {
-            variant: stack.enter_context(
-                triton(onnx_path, settings, work / f"soak-{i}", {"intra_op_threads": THREADS, **overrides})
-            )
-            for i, (variant, overrides) in enumerate(VARIANTS.items())
-        }
+        servers: dict[str, Any] = {}
+        for i, (variant, overrides) in enumerate(VARIANTS.items()):
+            threads = {"intra_op_threads": THREADS, **overrides}
+            servers[variant] = stack.enter_context(triton(onnx_path, settings, work / f"soak-{i}", threads))
         loads = {variant: Load(server, tensors) for variant, server in servers.items()}
         with ThreadPoolExecutor(len(VARIANTS)) as pool:  # side by side, as they will run: cores are shared
             capacity_per_s = min(pool.map(lambda load: capacity(load, settings.quick), loads.values()))
@@ -48,21 +44,17 @@ def run(
         log(f"   {rate:.2f} requests/s to each of {len(VARIANTS)} servers")
         for minute in range(1, minutes + 1):
             with ThreadPoolExecutor(len(VARIANTS)) as pool:  # both servers at once, arrivals of their own
-                futures = {
-                    v: pool.submit(loads[v].open, rate, window, 1000 * minute + k) for k, v in enumerate(VARIANTS)
-                }
+                futures = {v: pool.submit(loads[v].open, rate, window, 1000 * minute + k) for k, v in enumerate(loads)}
             for variant, server in servers.items():
                 row = brief(futures[variant].result()) | {
-                    "minute": minute,
-                    "rss_mb": server_rss_mb(server.process.pid),
-                    "ready": server.is_ready(),
-                    "load_average": load_average(),
-                    "at": time.strftime("%H:%M:%S", time.gmtime()),
-                }
+                    "minute": minute, "rss_mb": server_rss_mb(server.process.pid), "ready": server.is_ready(),
+                    "load_average": load_average(), "at": time.strftime("%H:%M:%S", time.gmtime()),
+                }  # fmt: skip
                 rows[variant].append(row)
                 log(f"   minute {minute} {variant}: {row['answered']} answered, {row['refused']} refused, "
                     f"{row['failed']} failed, p99 {num(row['p99_ms'])} ms, RSS {row['rss_mb']:.0f} MB")  # fmt: skip
     verdicts = {v: verdict(r) for v, r in rows.items()}
+    columns = "minute | ended (UTC) | offered req/s | answered | refused | failed | p50 ms | p99 ms | server RSS MB"
     tables = []
     for variant, per_minute in rows.items():
         table = [
@@ -73,10 +65,7 @@ def run(
         v = verdicts[variant]
         tables.append(
             f"#### {variant}\n\n"
-            + md_table(
-                "minute | ended (UTC) | offered req/s | answered | refused | failed | p50 ms | p99 ms | server RSS MB",
-                table,
-            )
+            + md_table(columns, table)
             + f"\n\nRefused {v['refused']}, failed {v['failed']}; p99 last / second minute "
             f"{num(v['p99_drift'], '.2f')} (target <= {P99_DRIFT_MAX}); memory growth after minute 1 "
             f"{num(v['rss_growth_mb'], '.0f')} MB (target < {RSS_GROWTH_MAX_MB:.0f}): "
@@ -107,10 +96,6 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"refused": refused, "failed": failed, "p99_drift": drift, "rss_growth_mb": growth, "met": met}
 
 
-def main() -> int:
-    minutes = {"type": int, "help": f"how long (default {MINUTES}; {QUICK_MINUTES} short ones with --quick)"}
-    return run_part("soak", __doc__, run, minutes=minutes)
-
-
 if __name__ == "__main__":
-    entry(main)
+    minutes = {"type": int, "help": f"how long (default {MINUTES}; {QUICK_MINUTES} short ones with --quick)"}
+    entry(lambda: run_part("soak", __doc__, run, minutes=minutes))
