@@ -65,7 +65,11 @@ CONFIG = """\
 global
     maxconn 4096
     nbthread 2
-
+    # Camera photos over gRPC: 64 KiB buffers, an 8 MiB window and 1 MiB frames (HAProxy's defaults, 16 KiB and
+    # 64 KiB, cost a fifth of the throughput of 2.6 MB uploads: docs/performance.md#the-fronts-cost).
+    tune.bufsize 65536
+    tune.h2.initial-window-size 8388608
+    tune.h2.max-frame-size 1048576
 defaults
     mode http
     timeout connect 2s
