@@ -566,7 +566,9 @@ class TritonServer(Addresses):
         assert self.front is not None and self.front.process is not None and self.process is not None
         status = self.front.process.wait()
         if not self._stopping and self.process.poll() is None:
-            (self.log or self.lines.append)(f"[launcher] the request front (haproxy) exited ({status}): stopping Triton")
+            (self.log or self.lines.append)(
+                f"[launcher] the request front (haproxy) exited ({status}): stopping Triton"
+            )
             self.process.send_signal(signal.SIGTERM)
 
     def _environment(self) -> dict[str, str]:
