@@ -247,16 +247,28 @@ def connect(args: argparse.Namespace, url: str | None, protocol: str) -> tuple[T
         url, protocol, args.model, timeout=args.timeout, retries=args.retries, resize=args.resize,
         **connection_from_args(args),
     )  # fmt: skip
+    names = {"grpc": "gRPC", "http": "HTTP"}
+    other = next(p for p in PROTOCOLS if p != protocol)
+    swapped = f"is it the {names[other]} port? (--protocol {other})"
     try:
         return classifier, classifier.describe()
+    except ServerUnreachable:
+        # A front in front of Triton (HAProxy) closes a connection in the other protocol without an answer:
+        # ask that protocol at the same address before calling the server unreachable.
+        timeout = min(args.timeout, 5)
+        probe = TritonClassifier(classifier.url, other, timeout=timeout, retries=0, **connection_from_args(args))
+        if not probe.health().live:
+            raise
+        raise ServerUnreachable(
+            f"cannot talk to Triton at {classifier.where}: the answer is not {names[protocol]} (it answers "
+            f"{names[other]} there); {swapped}"
+        ) from None
     except ClientError:
         raise
     except Exception as e:  # an answer in another protocol: HTTP sent to the gRPC port, or the reverse
-        names = {"grpc": "gRPC", "http": "HTTP"}
-        other = next(p for p in PROTOCOLS if p != protocol)
         raise ServerUnreachable(
             f"cannot talk to Triton at {classifier.where}: the answer is not {names[protocol]} "
-            f"({type(e).__name__}: {str(e) or 'no detail'}); is it the {names[other]} port? (--protocol {other})"
+            f"({type(e).__name__}: {str(e) or 'no detail'}); {swapped}"
         ) from None
 
 

@@ -71,7 +71,7 @@ from serve.endpoints import (
     Addresses,
 )
 from serve.front import HTTP_BODY_RULES, MAX_REQUEST_MB_LIMIT, MIB, grpc_body_rules, haproxy_pem, tls_bind
-from serve.server import free_port
+from serve.server import free_port, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +93,7 @@ DATA_PLANE_PATH = r"^/v2(/health/(live|ready)|/models/[^/%]+(/versions/[0-9]+)?(
 HAPROXY_CONFIG = """\
 global
     maxconn 4096
+    noreuseport                 # a port another process listens on is an error, not shared in silence
     tune.bufsize 65536          # a whole request fits in one buffer: needed for L7 retries
     stats socket {socket} mode 600 level admin
 
@@ -257,15 +258,16 @@ class Fleet(Addresses):
         self.max_request_mb = max_request_mb
         self._work = tempfile.TemporaryDirectory(prefix="threegnet-fleet-")
         self.work = Path(self._work.name)
+        ports = iter(free_ports(4 * replicas + 4))  # all different (a port shared by two listeners is silent)
         self.replicas = [
-            Replica(f"r{i}", self.repository, self.work, control_key=self.control_key,
+            Replica(f"r{i}", self.repository, self.work, *(next(ports) for _ in range(4)), control_key=self.control_key,
                     triton_args=METRICS_TRITON_ARGS if prometheus else (), max_request_mb=max_request_mb)
             for i in range(replicas)
         ]  # fmt: skip
         self.prometheus, self.alert_for = prometheus, alert_for
-        self.prometheus_port = free_port() if prometheus else None
+        self.prometheus_port = next(ports) if prometheus else None
         self.prometheus_process: subprocess.Popen | None = None
-        self.http_port, self.grpc_port, self.stats_port = free_port(), free_port(), free_port()
+        self.http_port, self.grpc_port, self.stats_port = next(ports), next(ports), next(ports)
         self.socket = self.work / "haproxy.sock"
         self.haproxy: subprocess.Popen | None = None
         self._halt = threading.Event()

@@ -65,6 +65,8 @@ CONFIG = """\
 global
     maxconn 4096
     nbthread 2
+    # A port another process listens on is an error, not shared in silence (HAProxy sets SO_REUSEPORT).
+    noreuseport
     # Camera photos over gRPC: 64 KiB buffers, an 8 MiB window and 1 MiB frames (HAProxy's defaults, 16 KiB and
     # 64 KiB, cost a fifth of the throughput of 2.6 MB uploads: docs/performance.md#the-fronts-cost).
     tune.bufsize 65536
@@ -144,7 +146,7 @@ class Front:
         grpc_bind = bind_address(self.host, self.grpc_port)
         grpc_bind += tls_bind(*self.grpc_tls, "h2") if self.grpc_tls else " proto h2"
         return CONFIG.format(
-            http_bind=bind_address(self.host, self.http_port),
+            http_bind=bind_address(self.host, self.http_port) + " proto h1",  # Triton's HTTP is HTTP/1.1 only
             grpc_bind=grpc_bind,
             http_rules=HTTP_BODY_RULES.format(max_body=self.max_request_mb * MIB),
             grpc_rules=grpc_body_rules(self.max_request_mb, self.work),

@@ -274,10 +274,19 @@ def port_in_use(host: str, port: int) -> bool:
     return bind_problem(host, port) == PORT_IN_USE
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` ports free on ``host``, all different: held open together while they are picked (one at
+    a time, the kernel may hand the same free port out twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+                   for _ in range(count)]  # fmt: skip
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 class TritonServer(Addresses):
@@ -365,7 +374,7 @@ class TritonServer(Addresses):
     def on_free_ports(cls, model_repository: str | os.PathLike, **kwargs) -> TritonServer:
         """A server (not started) whose HTTP, gRPC and metrics ports are free ones on its host."""
         host = kwargs.get("host", "127.0.0.1")
-        ports = {name: free_port(host) for name in ("http_port", "grpc_port", "metrics_port")}
+        ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3, host), strict=True))
         return cls(model_repository, **ports, **kwargs)
 
     # -- addresses and keys ----------------------------------------------------------------
@@ -552,7 +561,7 @@ class TritonServer(Addresses):
         if self.grpc_tls is not None:
             self.grpc_tls.check()
             tls = (haproxy_pem(self.grpc_tls.cert, self.grpc_tls.key, work), self.grpc_tls.client_ca)
-        self.triton_http_port, self.triton_grpc_port = free_port(FRONT_HOST), free_port(FRONT_HOST)
+        self.triton_http_port, self.triton_grpc_port = free_ports(2, FRONT_HOST)
         front = Front(self.host, self.http_port, self.grpc_port, self.triton_http_port, self.triton_grpc_port,
                       self.max_request_mb, work, tls)  # fmt: skip
         try:

@@ -305,6 +305,50 @@ class Load(threading.Thread):
         return [r for r in self.results if r[2] is not None]
 
 
+class ClientThreads:
+    """Threads of plain clients (no retries of their own) sending back to back through a fleet until the
+    ``with`` block ends (tests/test_fleet.py, tests/test_canary.py). A subclass makes a client and sends
+    one request; each outcome is recorded as ``outcome(protocol, start, result, error)`` returns it."""
+
+    def __init__(self, protocols: tuple[str, ...], join_timeout: float) -> None:
+        self.outcomes: list[tuple] = []
+        self.halt, self.lock, self.join_timeout = threading.Event(), threading.Lock(), join_timeout
+        self.threads = [threading.Thread(target=self._loop, args=(p, i)) for i, p in enumerate(protocols)]
+
+    def client(self, protocol: str):
+        raise NotImplementedError
+
+    def send(self, client, protocol: str, n: int):
+        raise NotImplementedError
+
+    def outcome(self, protocol: str, start: float, result, error: str | None) -> tuple:
+        raise NotImplementedError
+
+    def _loop(self, protocol: str, n: int) -> None:
+        client = self.client(protocol)
+        while not self.halt.is_set():
+            n += 1
+            start, result, error = time.monotonic(), None, None
+            try:
+                result = self.send(client, protocol, n)
+            except Exception as e:  # recorded: a plain client has no retries
+                error = f"{type(e).__name__}: {e}"
+                client = self.client(protocol)  # as a caller would, after an error
+            with self.lock:
+                self.outcomes.append(self.outcome(protocol, start, result, error))
+        client.close()
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.halt.set()
+        for t in self.threads:
+            t.join(timeout=self.join_timeout)
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -12,7 +12,6 @@ import math
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import K8S_VERSION, KUBE, ROOT, build, kustomization
+from helpers import K8S_VERSION, KUBE, ROOT, ClientThreads, build, kustomization
 
 from deploy.canary import Canary, FleetView, Thresholds
 from deploy.local_fleet import Fleet
@@ -122,39 +121,21 @@ def classify(client: Any, protocol: str, x: np.ndarray, version: str = "") -> st
     return response.model_version if protocol == "grpc" else response["model_version"]
 
 
-class Load:
+class Load(ClientThreads):
     """Plain clients through HAProxy, back to back: (time, protocol, version that answered, error)."""
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet, self.images = fleet, images()
-        self.outcomes: list[tuple[float, str, str, str | None]] = []
-        self.halt, self.lock = threading.Event(), threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, args=(p, i)) for i, p in enumerate(THREADS)]
+        super().__init__(THREADS, join_timeout=2 * CLIENT_TIMEOUT_S)
 
-    def _loop(self, protocol: str, seed: int) -> None:
-        url = self.fleet.grpc_url if protocol == "grpc" else self.fleet.http_url
-        client, n = plain_client(protocol, url), seed
-        while not self.halt.is_set():
-            n += 1
-            version, error = "", None
-            try:
-                version = classify(client, protocol, self.images[n % len(self.images)])
-            except Exception as e:  # recorded: a plain client has no retries
-                error = f"{type(e).__name__}: {e}"
-                client = plain_client(protocol, url)
-            with self.lock:
-                self.outcomes.append((time.monotonic(), protocol, version, error))
-        client.close()
+    def client(self, protocol: str) -> Any:
+        return plain_client(protocol, self.fleet.grpc_url if protocol == "grpc" else self.fleet.http_url)
 
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
+    def send(self, client: Any, protocol: str, n: int) -> str:
+        return classify(client, protocol, self.images[n % len(self.images)])
 
-    def __exit__(self, *exc: object) -> None:
-        self.halt.set()
-        for t in self.threads:
-            t.join(timeout=2 * CLIENT_TIMEOUT_S)
+    def outcome(self, protocol: str, start: float, result: str | None, error: str | None) -> tuple:
+        return time.monotonic(), protocol, result or "", error
 
     def wait_for(self, count: int, timeout: float = 60) -> None:
         target, deadline = len(self.outcomes) + count, time.monotonic() + timeout
@@ -243,22 +224,21 @@ def judged_under_load(fleet: Fleet, version: int) -> Judged:
 def test_a_good_version_is_promoted_under_load_with_no_failed_request(fleet, repo):
     old, new = stable_version(repo), add_good_version(repo)
     run = judged_under_load(fleet, new)
-    canary, load, promoted, verdict, lines = run.canary, run.load, run.promoted, run.verdict, run.lines
-    started, judged, done = run.started, run.judged, run.done
-    assert promoted, verdict.line()
+    load, verdict, judged, done = run.load, run.verdict, run.judged, run.done
+    assert run.promoted, verdict.line()
     assert not load.failures(), load.failures()[:5]
     assert verdict.failures == 0 and verdict.requests >= THRESHOLDS.min_requests
     # While it was judged, both versions answered, the new one for about its share.
-    decided = next(t for t, line in lines if "promoting" in line)
+    decided = next(t for t, line in run.lines if "promoting" in line)
     on_new, on_old = load.answered_by(new, judged, decided), load.answered_by(old, judged, decided)
     print(f"judged: {on_new} answers from version {new}, {on_old} from {old} ({on_new / (on_new + on_old):.0%}; "
-          f"share {SHARE:.0%}); started in {judged - started:.1f} s, judged for {decided - judged:.1f} s, promoted "
+          f"share {SHARE:.0%}); started in {judged - run.started:.1f} s, judged for {decided - judged:.1f} s, promoted "
           f"{done - decided:.1f} s later")  # fmt: skip
     assert on_new > 0 and on_old > on_new
     after = [o for o in load.outcomes if o[0] > done]
     assert after and all(v == str(new) for _, _, v, _ in after)
     assert serving_everywhere(fleet) == [(r.name, [str(new)], str(new)) for r in fleet.replicas]
-    assert stable_version(repo) == new and canary.state() is None
+    assert stable_version(repo) == new and run.canary.state() is None
     assert weights(fleet) == {"1 (initial 1)"}
 
 
@@ -267,26 +247,25 @@ def test_a_good_version_is_promoted_under_load_with_no_failed_request(fleet, rep
 def test_a_version_that_fails_real_requests_is_rolled_back_on_its_own_within_a_bounded_cost(fleet, repo):
     old, bad = stable_version(repo), add_failing_version(repo)
     run = judged_under_load(fleet, bad)
-    canary, load, promoted, verdict, lines = run.canary, run.load, run.promoted, run.verdict, run.lines
-    started, judged, done = run.started, run.judged, run.done
-    assert not promoted and verdict.breach and "failed" in verdict.breach, verdict.line()
-    failed = load.failures(started)
+    load, verdict, judged, done = run.load, run.verdict, run.judged, run.done
+    assert not run.promoted and verdict.breach and "failed" in verdict.breach, verdict.line()
+    failed = load.failures(run.started)
     # What the clients saw failed: the canary's failures before a look could see enough of them, plus what its
     # share of the traffic sent it in one look and the time to act on it, plus one in flight per client.
-    rate = load.rate(started, done)
+    rate = load.rate(run.started, done)
     bound = THRESHOLDS.min_failures + math.ceil(SHARE * rate * (THRESHOLDS.tick_s + 1.0)) + len(THREADS)
-    decided = next(t for t, line in lines if "rolling back" in line)
+    decided = next(t for t, line in run.lines if "rolling back" in line)
     print(f"breach seen {decided - judged:.1f} s after the canary began serving, rolled back {done - decided:.1f} s "
           f"later; the controller counted {verdict.failures} failed of {verdict.requests}; the clients saw "
           f"{len(failed)} failures (bound {bound} at {rate:.0f} requests/s); {failed[:1]}")  # fmt: skip
     assert verdict.failures >= THRESHOLDS.min_failures
     assert len(failed) <= bound, failed
-    assert load.answered_by(bad, started, done) > 0  # it served traffic: passed the checks, failed bright images
+    assert load.answered_by(bad, run.started, done) > 0  # it served traffic: passed the checks, failed bright images
     assert not load.failures(done), load.failures(done)[:5]
     after = [o for o in load.outcomes if o[0] > done]
     assert after and all(v == str(old) for _, _, v, _ in after)
     assert serving_everywhere(fleet) == [(r.name, [str(old)], str(old)) for r in fleet.replicas]
-    assert stable_version(repo) == old and canary.state() is None
+    assert stable_version(repo) == old and run.canary.state() is None
     assert weights(fleet) == {"1 (initial 1)"}
 
 

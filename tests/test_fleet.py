@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import make_certificates
+from helpers import ClientThreads, make_certificates
 from photos import photos
 
 from client.inference import ClientError, Tls, TritonClassifier
@@ -160,38 +160,22 @@ def infer(client: Any, protocol: str, model: str, name: str, data: np.ndarray, d
     client.infer(model, [inp], **timeout)
 
 
-class PlainLoad:
+class PlainLoad(ClientThreads):
     """2 gRPC and 2 HTTP threads of plain clients sending back to back: (protocol, start, seconds, error)."""
 
     def __init__(self, fleet: Fleet, ca: str) -> None:
         self.fleet, self.ca = fleet, ca
         self.x = np.random.default_rng(1).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
-        self.outcomes: list[tuple[str, float, float, str | None]] = []
-        self.halt, self.lock = threading.Event(), threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, args=(p,)) for p in ("grpc", "grpc", "http", "http")]
+        super().__init__(("grpc", "grpc", "http", "http"), join_timeout=2 * PLAIN_TIMEOUT_S)
 
-    def _loop(self, protocol: str) -> None:
-        client = plain_client(protocol, self.fleet, self.ca)
-        while not self.halt.is_set():
-            start, error = time.monotonic(), None
-            try:
-                infer(client, protocol, "threegnet", "image", self.x, "UINT8")
-            except Exception as e:  # recorded: a plain client has no retries
-                error = f"{type(e).__name__}: {e}"
-                client = plain_client(protocol, self.fleet, self.ca)  # as a caller would, after an error
-            with self.lock:
-                self.outcomes.append((protocol, start, time.monotonic() - start, error))
-        client.close()
+    def client(self, protocol: str) -> Any:
+        return plain_client(protocol, self.fleet, self.ca)
 
-    def __enter__(self) -> PlainLoad:
-        for t in self.threads:
-            t.start()
-        return self
+    def send(self, client: Any, protocol: str, n: int) -> None:
+        infer(client, protocol, "threegnet", "image", self.x, "UINT8")
 
-    def __exit__(self, *exc: object) -> None:
-        self.halt.set()
-        for t in self.threads:
-            t.join(timeout=2 * PLAIN_TIMEOUT_S)
+    def outcome(self, protocol: str, start: float, result: None, error: str | None) -> tuple:
+        return protocol, start, time.monotonic() - start, error
 
     def failures(self) -> list[str]:
         return [f"{p} at +{s:.1f} s after {d:.1f} s: {e}" for p, s, d, e in self.outcomes if e]

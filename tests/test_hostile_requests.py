@@ -502,7 +502,9 @@ def test_the_cap_is_where_the_flag_says_over_http_and_grpc(capped):
 
     under, over = good_png(), good_png() + bytes(2 * MIB)  # trailing bytes after the PNG's end are ignored
     assert infer(capped, under)[0] == 200
-    assert infer(capped, over)[0] == 413
+    # The head only: the front answers on it and closes, and a client still writing the body may see the
+    # connection reset before it reads the answer.
+    assert head_only(capped, {"Content-Length": str(len(infer_body(over)[0]))})[0] == 413
     grpc_infer(capped, under)
     with pytest.raises(InferenceServerException) as refused:
         grpc_infer(capped, over)
