@@ -305,15 +305,33 @@ class Load(threading.Thread):
         return [r for r in self.results if r[2] is not None]
 
 
-class ClientThreads:
+class Looping:
+    """Threads that loop until the ``with`` block ends (``halt``), with a lock for what they record."""
+
+    def __init__(self, threads: list[threading.Thread], join_timeout: float) -> None:
+        self.threads, self.join_timeout = threads, join_timeout
+        self.halt, self.lock = threading.Event(), threading.Lock()
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.halt.set()
+        for t in self.threads:
+            t.join(timeout=self.join_timeout)
+
+
+class ClientThreads(Looping):
     """Threads of plain clients (no retries of their own) sending back to back through a fleet until the
     ``with`` block ends (tests/test_fleet.py, tests/test_canary.py). A subclass makes a client and sends
     one request; each outcome is recorded as ``outcome(protocol, start, result, error)`` returns it."""
 
     def __init__(self, protocols: tuple[str, ...], join_timeout: float) -> None:
         self.outcomes: list[tuple] = []
-        self.halt, self.lock, self.join_timeout = threading.Event(), threading.Lock(), join_timeout
-        self.threads = [threading.Thread(target=self._loop, args=(p, i)) for i, p in enumerate(protocols)]
+        threads = [threading.Thread(target=self._loop, args=(p, i)) for i, p in enumerate(protocols)]
+        super().__init__(threads, join_timeout)
 
     def client(self, protocol: str):
         raise NotImplementedError
@@ -337,16 +355,6 @@ class ClientThreads:
             with self.lock:
                 self.outcomes.append(self.outcome(protocol, start, result, error))
         client.close()
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.halt.set()
-        for t in self.threads:
-            t.join(timeout=self.join_timeout)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

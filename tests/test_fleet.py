@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import ClientThreads, make_certificates
+from helpers import ClientThreads, Looping, make_certificates
 from photos import photos
 
 from client.inference import ClientError, Tls, TritonClassifier
@@ -30,20 +30,19 @@ from serve.endpoints import UPSTREAM_BUDGET_S, UPSTREAM_TIMEOUT_S
 pytestmark = pytest.mark.slow
 
 
-class ClientLoad:
+class ClientLoad(Looping):
     """Threads classifying through the load balancer back to back; every outcome recorded."""
 
     def __init__(self, fleet: Fleet, tls: Tls, threads_per_protocol: int = 2) -> None:
         x = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
         self.ok = 0
         self.failures: list[str] = []
-        self.halt = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = []
+        threads = []
         for protocol, url in (("grpc", fleet.grpc_url), ("http", fleet.http_url)):
             classifier = TritonClassifier(url, protocol, retries=6, backoff=0.1, timeout=30, tls=tls)
             for _ in range(threads_per_protocol):
-                self.threads.append(threading.Thread(target=self._loop, args=(classifier.classify_tensors, x)))
+                threads.append(threading.Thread(target=self._loop, args=(classifier.classify_tensors, x)))
+        super().__init__(threads, join_timeout=60)
 
     def _loop(self, classify: Callable, x: np.ndarray) -> None:
         while not self.halt.is_set():
@@ -55,16 +54,6 @@ class ClientLoad:
                 with self.lock:
                     self.failures.append(f"{type(e).__name__}: {e}")
             time.sleep(0.01)
-
-    def __enter__(self) -> ClientLoad:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.halt.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
     def wait_for(self, count: int, timeout: float = 60) -> None:
         target, deadline = self.ok + count, time.monotonic() + timeout
