@@ -23,6 +23,7 @@ import contextlib
 import http.client
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -235,6 +236,10 @@ DEFAULT_BACKOFF_S = 0.2
 TIMEOUT_RETRIES = 1
 
 
+# Triton's refusal of a batch over the model's max_batch_size, which names the limit.
+BATCH_LIMIT = re.compile(r"batch-size must be <= (\d+)")
+
+
 class TritonClassifier:
     """Classify images with a 3G-Net model served by Triton, over gRPC or HTTP.
 
@@ -283,6 +288,7 @@ class TritonClassifier:
         self._local = threading.local()
         self._info: ModelInfo | None = None
         self._info_lock = threading.Lock()
+        self._batch_limit = 0  # the largest batch the server said it takes (0: as the config says, or not known)
 
     @property
     def where(self) -> str:
@@ -484,7 +490,13 @@ class TritonClassifier:
     def _infer(
         self, model: str, input_name: str, data: np.ndarray, datatype: str, top_k: int, weight_map: bool
     ) -> list[Classification]:
+        """One request, or one per part of a batch larger than the server takes: its config says how
+        large (with the operators' key), else its refusal does (a server on a CPU takes fewer than on a GPU)."""
         info = self.describe()
+        limit = self._batch_limit or info.max_batch_size
+        if 0 < limit < len(data):
+            parts = (data[i : i + limit] for i in range(0, len(data), limit))
+            return [c for part in parts for c in self._infer(model, input_name, part, datatype, top_k, weight_map)]
         mod = self._module()
         inp = mod.InferInput(input_name, list(data.shape), datatype)
         inp.set_data_from_numpy(data)
@@ -496,8 +508,14 @@ class TritonClassifier:
         try:
             result = self._call(f"inference on {model}", lambda c, **kw: c.infer(model, [inp], outputs=outputs, **kw))
         except (ServerUnreachable, ModelUnavailable):
-            self._info = None  # the server or the model may come back changed: describe it again next time
+            self._info, self._batch_limit = None, 0  # the server or the model may come back changed
             raise
+        except RequestFailed as e:
+            said = BATCH_LIMIT.search(str(e))
+            if type(e) is not RequestFailed or not said or not 0 < int(said[1]) < len(data):
+                raise
+            self._batch_limit = int(said[1])
+            return self._infer(model, input_name, data, datatype, top_k, weight_map)
         classes = result.as_numpy(info.classes_output).reshape(len(data), -1)
         maps = result.as_numpy(WEIGHT_MAP) if want_map else None
         return [Classification(parse_classes(row), None if maps is None else maps[i]) for i, row in enumerate(classes)]

@@ -23,6 +23,9 @@ BYTES_INPUT = "image_bytes"
 # Most of the GPU's batching gain (it flattens from 64 to 128) with one execution's memory and latency bounded:
 # docs/performance.md#one-instance-or-two-it-depends-on-the-machine
 MAX_BATCH_SIZE = 32
+# On a CPU the launcher serves every model with at most this batch (serve/standin.py): under overload a full queue
+# became one batch of seconds, answered after the 2 s a user waits: docs/performance.md#5-overload-admission-control
+CPU_MAX_BATCH_SIZE = 4
 # How long an idle instance waits for more requests: 10 ms gained no throughput and costs a lone request 10 ms:
 # docs/performance.md#one-instance-or-two-it-depends-on-the-machine
 QUEUE_DELAY_US = 2000
@@ -50,9 +53,9 @@ PREPROCESS_INSTANCES = default_preprocess_instances()
 # Admission control (--max-queue-size): a full queue refuses at once; 16 keeps the p99 at 2x load under 2 s here:
 # docs/performance.md#5-overload-admission-control
 MAX_QUEUE_SIZE = 16
-# A safety net only (--queue-timeout-ms; 0: off): Triton 2.51 holds ~1 request in 100 for 500 ms under any policy:
-# docs/performance.md#5-overload-admission-control
-QUEUE_TIMEOUT_MS = 1500
+# The longest an admitted request waits (--queue-timeout-ms; 0: forever): with a batch of 4 after it, answered within
+# 2 s at 2x load on a CPU; above Triton 2.51's 500 ms batcher stall: docs/performance.md#5-overload-admission-control
+QUEUE_TIMEOUT_MS = 1000
 # Which versions Triton serves (to_onnx.py --version-policy): the newest, so an export into a served
 # repository rolls out; serve/versions.py pins an older one (rollback).
 VERSION_POLICY = "latest:1"
@@ -180,9 +183,9 @@ def onnx_model_config(spec: ModelSpec) -> mc.ModelConfig:
         version_policy=version_policy(spec.version_policy),
         instance_group=[mc.ModelInstanceGroup(count=spec.instances)],
         model_warmup=[
-            mc.ModelWarmup(
+            mc.ModelWarmup(  # the largest batch: onnxruntime sizes its memory arena at load, not at a burst
                 name="zeros",
-                batch_size=1,
+                batch_size=spec.max_batch_size,
                 inputs={
                     "image": mc.ModelWarmup.Input(
                         data_type=mc.TYPE_UINT8, dims=[spec.crop, spec.crop, 3], zero_data=True

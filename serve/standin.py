@@ -13,6 +13,9 @@ holds only the versions the supervisor verified, with a ``specific`` policy nami
 them, because Triton reads configs from disk on loads the supervisor does not make
 with a config (loading an ensemble reloads the models under it as their files say),
 and a version Triton fails to load leaves the server not ready (serve/rollouts.py).
+
+On a machine without a GPU every model in the shadow batches at most ``CPU_MAX_BATCH_SIZE``
+(:func:`for_device`): the export's batch is sized for a GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.triton_config import parse_pbtxt, to_pbtxt
+from export.triton_config import CPU_MAX_BATCH_SIZE, parse_pbtxt, to_pbtxt
 
 STANDIN = Path(__file__).resolve().parent / "triton_models" / "onnx_standin.py"
 
@@ -50,12 +53,24 @@ def standin_config(cfg: mc.ModelConfig, gpu: bool) -> mc.ModelConfig:
     return twin
 
 
+def for_device(cfg: mc.ModelConfig, gpu: bool) -> mc.ModelConfig:
+    """The config as this machine serves it: on a CPU no model batches (or warms up) more than
+    ``CPU_MAX_BATCH_SIZE``; an ensemble's batch is at most its models'. The same message when unchanged."""
+    if gpu or cfg.max_batch_size <= CPU_MAX_BATCH_SIZE:
+        return cfg
+    capped = mc.ModelConfig()
+    capped.CopyFrom(cfg)
+    capped.max_batch_size = CPU_MAX_BATCH_SIZE
+    for warmup in capped.model_warmup:
+        warmup.batch_size = min(warmup.batch_size, CPU_MAX_BATCH_SIZE)
+    return capped
+
+
 def served_config(cfg: mc.ModelConfig, gpu: bool, standin: bool, versions: list[int] | None) -> mc.ModelConfig:
     """What Triton is given for an ONNX model: the stand-in's twin (``standin``) or the config as it
-    is, serving exactly ``versions`` (None: as its own policy says)."""
-    served = standin_config(cfg, gpu) if standin else mc.ModelConfig()
-    if not standin:
-        served.CopyFrom(cfg)
+    is, for this machine (:func:`for_device`), serving exactly ``versions`` (None: as its own policy says)."""
+    served = mc.ModelConfig()
+    served.CopyFrom(for_device(standin_config(cfg, gpu) if standin else cfg, gpu))
     if versions is not None:
         served.version_policy.CopyFrom(
             mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=sorted(versions)))
@@ -63,8 +78,8 @@ def served_config(cfg: mc.ModelConfig, gpu: bool, standin: bool, versions: list[
     return served
 
 
-def _link_tree(source: Path, target: Path) -> None:
-    """Mirror ``source`` as real folders of links to its files.
+def _link_tree(source: Path, target: Path, skip: str | None = None) -> None:
+    """Mirror ``source`` as real folders of links to its files (but ``skip``).
 
     Python models write ``__pycache__`` beside their ``model.py``: with real folders
     that happens in the shadow, never in the exported repository.
@@ -74,7 +89,7 @@ def _link_tree(source: Path, target: Path) -> None:
         if entry.is_dir():
             if entry.name != "__pycache__":
                 _link_tree(entry, target / entry.name)
-        else:
+        elif entry.name != skip:
             os.symlink(entry.resolve(), target / entry.name)
 
 
@@ -86,7 +101,10 @@ def shadow_model(
     config_file = model_dir / "config.pbtxt"
     cfg = parse_pbtxt(config_file.read_text()) if config_file.exists() else None
     if cfg is None or not is_onnx_model(cfg):
-        _link_tree(model_dir, target)
+        served = cfg if cfg is None else for_device(cfg, gpu)
+        _link_tree(model_dir, target, skip=None if served is cfg else config_file.name)
+        if served is not cfg:
+            (target / config_file.name).write_text(to_pbtxt(served))
         return False
     target.mkdir()
     (target / "config.pbtxt").write_text(to_pbtxt(served_config(cfg, gpu, standin, versions)))

@@ -23,7 +23,8 @@ from client.inference import (
     TritonClassifier,
     parse_classes,
 )
-from serve.server import free_port
+from export.triton_config import CPU_MAX_BATCH_SIZE, MAX_BATCH_SIZE
+from serve.server import free_port, gpu_present
 from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
 PP = Preprocessing(**TINY_PREPROCESSING)
@@ -77,8 +78,22 @@ def test_a_locked_server_is_described_from_its_metadata_alone(classifier):
 def test_with_the_operators_key_the_config_adds_the_preprocessing_and_batch_size(triton, protocol):
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     info = TritonClassifier(url, protocol, control_key=triton.lock.control_key).describe()
-    assert (info.arch, info.num_classes, info.max_batch_size) == ("resnet18_3g", 4, 32)
+    batch = MAX_BATCH_SIZE if gpu_present() else CPU_MAX_BATCH_SIZE  # as served on this machine
+    assert (info.arch, info.num_classes, info.max_batch_size) == ("resnet18_3g", 4, batch)
     assert info.preprocessing == PP
+
+
+def test_a_batch_larger_than_the_server_takes_is_sent_in_parts(classifier, reference):
+    """A locked config hides the limit (a CPU server's is smaller than the export's): the refusal names it."""
+    assert classifier.describe().max_batch_size == 0  # no key: the limit comes from the refusal
+    limit = MAX_BATCH_SIZE if gpu_present() else CPU_MAX_BATCH_SIZE
+    images = [encoded(seed) for seed in range(2 * limit + 1)]
+    expected, _ = reference(images)
+    for answers in (
+        classifier.classify_bytes(images, top_k=1),
+        classifier.classify_tensors(np.stack([load_and_preprocess(d, PP) for d in images]), top_k=1),
+    ):
+        assert [a.top_k[0].index for a in answers] == list(expected.argmax(axis=1))
 
 
 def test_naming_the_ensemble_finds_the_tensor_model(triton):

@@ -23,10 +23,12 @@ from photos import photos
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from serve.server import ServerError, TritonServer, free_port
+from export.triton_config import CPU_MAX_BATCH_SIZE, MAX_BATCH_SIZE, parse_pbtxt
+from serve.server import ServerError, TritonServer, free_port, gpu_present
 from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
 PP = Preprocessing(resize=73, crop=64)
+SERVED_BATCH = MAX_BATCH_SIZE if gpu_present() else CPU_MAX_BATCH_SIZE  # the largest batch on this machine
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +130,23 @@ def test_metadata_and_config_endpoints(triton):
     assert meta["inputs"] == [{"name": "image_bytes", "datatype": "BYTES", "shape": [-1, 1]}]
     assert {o["name"] for o in meta["outputs"]} == {"probabilities", "logits", "weight_map"}
     config = c.get_model_config("threegnet", headers=triton.control_headers)  # locked: the operators' key
-    assert config["max_batch_size"] == 32 and config["parameters"]["image_model"]["string_value"] == "threegnet_image"
+    assert config["parameters"]["image_model"]["string_value"] == "threegnet_image"
     assert c.get_model_metadata("threegnet")["inputs"][0]["datatype"] == "UINT8"
     assert config["parameters"]["session.intra_op.allow_spinning"]["string_value"] == "0"
+
+
+def test_on_a_cpu_every_model_batches_at_most_the_cpu_cap_and_the_export_keeps_its_own(triton, model_repository):
+    """A full queue must not become one batch of seconds on a CPU; the ensembles follow their model."""
+    _, c = client(triton, "http")
+    for model in ("threegnet", "threegnet_preprocess", "threegnet_image", "threegnet_classifier"):
+        config = c.get_model_config(model, headers=triton.control_headers)
+        assert config["max_batch_size"] == SERVED_BATCH, model
+    warmup = c.get_model_config("threegnet", headers=triton.control_headers)["model_warmup"]
+    assert [w["batch_size"] for w in warmup] == [SERVED_BATCH]  # onnxruntime's arena sized at load
+    exported = parse_pbtxt((model_repository / "threegnet_image" / "config.pbtxt").read_text())
+    assert exported.max_batch_size == MAX_BATCH_SIZE
+    images = np.zeros((SERVED_BATCH, PP.crop, PP.crop, 3), np.uint8)
+    assert c.infer("threegnet", [tensor_input(httpclient, images)]).as_numpy("probabilities").shape[0] == SERVED_BATCH
 
 
 def test_the_stand_in_applies_the_configs_onnxruntime_settings(monkeypatch):
@@ -221,8 +237,8 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(triton, proto
         c.infer("threegnet", [tensor_input(module, np.zeros((1, 32, 32, 3), dtype=np.uint8))])
     with pytest.raises(InferenceServerException, match="expected 1 inputs but got 0"):
         c.infer("threegnet_image", [])
-    with pytest.raises(InferenceServerException, match="batch-size must be <= 32"):
-        c.infer("threegnet", [tensor_input(module, np.zeros((33, 64, 64, 3), dtype=np.uint8))])
+    with pytest.raises(InferenceServerException, match=f"batch-size must be <= {SERVED_BATCH}"):
+        c.infer("threegnet", [tensor_input(module, np.zeros((SERVED_BATCH + 1, 64, 64, 3), dtype=np.uint8))])
     # ...and the next good request is served.
     good = c.infer("threegnet_image", [bytes_input(module, [png(90, 90)])])
     assert good.as_numpy("probabilities").shape == (1, 4)
