@@ -137,19 +137,16 @@ class Series:
         return {"median_s": self.median, "best_s": self.best, "samples_s": [round(s, 6) for s in self.samples]}
 
 
-def alternate(
-    fns: dict[str, Callable[[], float]], rounds: int, warmup: int = 1, gap: float = 0.02
-) -> dict[str, Series]:
-    """Call each function (it returns the seconds it measured: :meth:`Worker.bind`) once per round, in turn,
-    ``rounds`` times after ``warmup`` untimed rounds; the ``gap`` lets the previous engine's thread pool stop
-    spinning before the next starts."""
+def alternate(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, Series]:
+    """Call each function (it returns the seconds it measured: :meth:`Worker.bind`) in turn, ``rounds`` times
+    after an untimed round; the pause lets the previous engine's thread pool stop spinning before the next starts."""
     out: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup + rounds):
+    for i in range(1 + rounds):
         for name, fn in fns.items():
             seconds = fn()
-            if i >= warmup:
+            if i > 0:
                 out[name].append(seconds)
-            time.sleep(gap)
+            time.sleep(0.02)
     return {name: Series(s) for name, s in out.items()}
 
 
@@ -169,10 +166,9 @@ def _call(arg: Any) -> tuple[float, Any]:
 
 
 class Worker(ProcessPoolExecutor):
-    """An engine (PyTorch eager, an onnxruntime session, a matrix multiply) in a process of its own: in one
-    process, onnxruntime's spinning threads cost PyTorch's OpenMP team whole time slices. ``factory(*args)``
-    (module-level, for pickling) runs in the child and returns ``fn(arg)``; :meth:`run` calls it there and
-    returns (seconds, its result)."""
+    """An engine in a process of its own: in one process, onnxruntime's spinning threads cost PyTorch's OpenMP team
+    whole time slices. ``factory(*args)`` (module-level, for pickling) builds ``fn(arg)`` in the child; :meth:`run`
+    calls it there and returns (seconds, its result)."""
 
     def __init__(self, factory: Callable[..., Callable[[Any], object]], *args: Any) -> None:
         super().__init__(1, multiprocessing.get_context("spawn"), initializer=_build, initargs=(factory, args))
@@ -206,7 +202,7 @@ def ort_session(model: str | Path | bytes, profile_prefix: str | None = None):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def build_serving(settings: Settings, seed: int = 0):
+def build_serving(settings: Settings):
     """The project's model in its serving wrapper (uint8 NHWC in), random weights and BatchNorm statistics
     at their defaults: speed does not depend on them."""
     import torch
@@ -215,7 +211,7 @@ def build_serving(settings: Settings, seed: int = 0):
     from threegnet_preprocessing import Preprocessing
     from training.model import create_model
 
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = create_model(settings.arch, num_classes=settings.num_classes, dim=settings.dim).eval()
     pp = Preprocessing(resize=settings.resize, crop=settings.crop)
     return ServingModel(model, pp).eval(), pp

@@ -69,8 +69,9 @@ def gpu_info() -> dict[str, Any]:
     }
 
 
-def time_gpu(fn: Callable[[], object], min_seconds: float = 0.3, max_iters: int = 50) -> dict[str, float]:
-    """Warm up, pick an iteration count worth ``min_seconds``, time those with CUDA events."""
+def timed_row(row: dict[str, Any], fn: Callable[[], object]) -> dict[str, Any]:
+    """``row`` with ``fn``'s time per call (CUDA events; after a warm-up, as many calls as take 0.3 s, 5 to 50), or
+    the error that stopped it."""
 
     def elapsed_ms(iters: int) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -81,16 +82,11 @@ def time_gpu(fn: Callable[[], object], min_seconds: float = 0.3, max_iters: int 
         torch.cuda.synchronize()
         return start.elapsed_time(end)
 
-    elapsed_ms(3)  # warm-up
-    iters = int(min(max_iters, max(5, min_seconds / max(elapsed_ms(1) / 1e3, 1e-5))))
-    return {"ms": elapsed_ms(iters) / iters, "iterations": iters}
-
-
-def timed_row(row: dict[str, Any], fn: Callable[[], object]) -> dict[str, Any]:
-    """``row`` with ``fn``'s timing, or the error that stopped it."""
     try:
-        t = time_gpu(fn)
-        row.update(t, images_per_s=1e3 * row["batch"] / t["ms"], tflops=GFLOP[row["model"]] * row["batch"] / t["ms"])
+        elapsed_ms(3)  # warm-up
+        iters = int(min(50, max(5, 0.3 / max(elapsed_ms(1) / 1e3, 1e-5))))
+        ms, batch = elapsed_ms(iters) / iters, row["batch"]
+        row.update(ms=ms, iterations=iters, images_per_s=1e3 * batch / ms, tflops=GFLOP[row["model"]] * batch / ms)
     except Exception as e:  # out of memory at a large batch, a provider failing at run time
         row["error"] = f"{type(e).__name__}: {e}"[:200]
         torch.cuda.empty_cache()

@@ -61,6 +61,7 @@ class Load:
         grpc = protocol == "grpc"
         self.url = server.grpc_url if grpc else server.http_url
         self.headers = server.grpc_control_headers if grpc else server.control_headers
+        self.outputs = [self.module.InferRequestedOutput("probabilities")]
 
     def client(self) -> Any:
         timeout = {} if self.protocol == "grpc" else {"network_timeout": self.timeout}  # gRPC: per request
@@ -76,12 +77,9 @@ class Load:
             inp.set_data_from_numpy(np.asarray(item, dtype=np.uint8)[None])
         return [inp]
 
-    def outputs(self) -> list[Any]:
-        return [self.module.InferRequestedOutput("probabilities")]
-
     def send(self, client: Any, i: int) -> Any:
         deadline = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}  # HTTP: network_timeout
-        return client.infer(self.model, self.inputs(i), outputs=self.outputs(), **deadline)
+        return client.infer(self.model, self.inputs(i), outputs=self.outputs, **deadline)
 
     def counters(self, client: Any) -> Counter:
         """Triton's cumulative statistics for the ONNX model, as flat counters (all versions summed)."""
@@ -101,13 +99,14 @@ class Load:
         return out
 
     def reading(self, client: Any) -> Reading:
-        """Client and server CPU seconds so far, and Triton's counters (None where statistics are refused)."""
+        """Client and server (with its stubs) CPU seconds so far, and Triton's counters (None where refused)."""
         own = resource.getrusage(resource.RUSAGE_SELF)
         try:
             stats = self.counters(client)
         except Exception:  # the load's own figures still stand
             stats = None
-        return own.ru_utime + own.ru_stime, server_cpu_s(self.server_pid), stats
+        server = sum(int(f[11]) + int(f[12]) for f in server_processes(self.server_pid)) / os.sysconf("SC_CLK_TCK")
+        return own.ru_utime + own.ru_stime, server, stats
 
     def closed(self, concurrency: int, seconds: float, warmup: float = 1.0, check: bool = True) -> dict[str, Any]:
         """``concurrency`` connections sending back to back; the answers that end in the ``seconds`` after
@@ -157,7 +156,7 @@ class Load:
         arrivals = arrivals[arrivals < seconds]
         outcomes: list[tuple[float, str | None]] = []
         lock, pending = threading.Lock(), threading.Semaphore(0)
-        inputs, outputs = self.inputs(0), self.outputs()
+        inputs = self.inputs(0)
         before = self.reading(client)
         start = time.perf_counter()
         for at in arrivals:
@@ -168,7 +167,7 @@ class Load:
                     outcomes.append((time.perf_counter() - sent, None if error is None else error.message()))
                 pending.release()
 
-            client.async_infer(self.model, inputs, done, outputs=outputs, client_timeout=self.timeout)
+            client.async_infer(self.model, inputs, done, outputs=self.outputs, client_timeout=self.timeout)
         deadline = time.perf_counter() + self.timeout + 10
         for _ in arrivals:
             if not pending.acquire(timeout=max(0.0, deadline - time.perf_counter())):
@@ -222,23 +221,18 @@ def summarize(
         "server_cpu_s": server_cpu_s,  # the Triton process tree's; None where not measured
         "outcomes": list(outcomes),
     }
-    if server_counts is not None:
-        out["server"] = server_view(server_counts)
+    if server_counts is not None:  # what Triton saw: time per request, the batch sizes it ran
+        requests, executions = server_counts.get("requests", 0), server_counts.get("executions", 0)
+        out["server"] = {
+            "counts": server_counts,
+            "requests": requests,
+            "executions": executions,
+            "mean_batch": server_counts.get("inferences", 0) / executions if executions else float("nan"),
+            "queue_ms_per_request": server_counts.get("queue_ns", 0) / 1e6 / requests if requests else None,
+            "compute_ms_per_request": server_counts.get("compute_ns", 0) / 1e6 / requests if requests else None,
+            "batch_sizes": {int(k[6:]): v for k, v in sorted(server_counts.items()) if k.startswith("batch_") and v},
+        }
     return out
-
-
-def server_view(counts: dict[str, int]) -> dict[str, Any]:
-    """What Triton saw in the window: mean queue and compute time per request, the batch sizes it ran."""
-    requests, executions = counts.get("requests", 0), counts.get("executions", 0)
-    return {
-        "counts": counts,
-        "requests": requests,
-        "executions": executions,
-        "mean_batch": counts.get("inferences", 0) / executions if executions else float("nan"),
-        "queue_ms_per_request": counts.get("queue_ns", 0) / 1e6 / requests if requests else None,
-        "compute_ms_per_request": counts.get("compute_ns", 0) / 1e6 / requests if requests else None,
-        "batch_sizes": {int(k[6:]): v for k, v in sorted(counts.items()) if k.startswith("batch_") and v},
-    }
 
 
 def combine(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -270,11 +264,6 @@ def server_processes(pid: int) -> Iterator[list[str]]:
             continue  # gone meanwhile
         if len(fields) > 21 and int(fields[2]) == pid:  # process group id
             yield fields
-
-
-def server_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) the server and its stubs have used so far."""
-    return sum(int(f[11]) + int(f[12]) for f in server_processes(pid)) / os.sysconf("SC_CLK_TCK")
 
 
 def server_rss_mb(pid: int) -> float:

@@ -28,33 +28,18 @@ from bench.common import (
 )
 
 
-def count_gflop(serving: Any, crop: int) -> float:
-    """GFLOP per image as torch's FLOP counter sees it (convolutions, matmuls, the fc)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, crop, crop, 3, dtype=torch.uint8)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        serving(x)
-    return counter.get_total_flops() / 1e9
-
-
-def matmul_model(n: int) -> bytes:
-    """A one-node ONNX graph: an ``n x n`` by ``n x n`` fp32 MatMul (MLAS sgemm)."""
+def sgemm_onnx_engine(n: int) -> Callable[[Any], object]:
+    """An ``n x n`` fp32 matrix multiply through onnxruntime (MLAS), all threads: a one-node ONNX graph."""
     from onnx import TensorProto, helper
 
     a, b, c = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC")
     graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "sgemm", [a, b], [c])
     # IR version 9: what onnxruntime 1.31 reads (onnx 1.23 would write 14 by default).
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString()
-
-
-def sgemm_onnx_engine(n: int) -> Callable[[Any], object]:
-    """An ``n x n`` fp32 matrix multiply through onnxruntime (MLAS), all threads."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    sess = ort_session(matmul_model(n))
-    return lambda _: sess.run(None, {"A": a, "B": b})
+    feeds = {name: rng.standard_normal((n, n), dtype=np.float32) for name in "AB"}
+    sess = ort_session(model.SerializeToString())
+    return lambda _: sess.run(None, feeds)
 
 
 def sgemm_torch_engine(n: int) -> Callable[[Any], object]:
@@ -68,9 +53,12 @@ def sgemm_torch_engine(n: int) -> Callable[[Any], object]:
 
 def run(settings: Settings, work: Path) -> tuple[dict[str, Any], str]:
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     serving, _ = build_serving(settings)
-    counted = count_gflop(serving, settings.crop)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:  # convolutions, matmuls, the fc
+        serving(torch.zeros(1, settings.crop, settings.crop, 3, dtype=torch.uint8))
+    counted = counter.get_total_flops() / 1e9  # GFLOP per image
     # The documented round figure for the real model; the counter's figure for the quick run's small one.
     gflop = GFLOP_PER_IMAGE if (settings.arch, settings.crop) == ("resnet50_3g", 224) else counted
     path = export(serving, work / "model.onnx", settings.crop)

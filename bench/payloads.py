@@ -21,11 +21,10 @@ WINDOWS = 3  # tensor / bytes alternations per payload
 CAMERA = (4032, 3024)  # a 12 MP phone photo, landscape
 NOISE_SIGMA = 4.7  # sensor noise in 8-bit levels: the full-size detail decoders shrink differently
 QUALITY = 92
+SEED = 7  # of the scenes and of the first shot's noise
 
 
-def camera_photos(
-    classes: int, per_class: int, render_size: int, seed: int = 7, shot: int = 0
-) -> Iterator[tuple[bytes, int]]:
+def camera_photos(classes: int, per_class: int, render_size: int, shot: int = 0) -> Iterator[tuple[bytes, int]]:
     """(JPEG bytes, label) of held-out-style built-in textures rendered at ``render_size`` (a texture's
     scale depends on it), upscaled, mirrored out to 12 MP, with sensor noise; labels index
     ``training.synthetic.CLASSES``. Another ``shot`` photographs the same scenes: only the noise differs."""
@@ -34,11 +33,10 @@ def camera_photos(
     from training.synthetic import CLASSES, image_rng, render
 
     w, h = CAMERA
-    noise = np.random.default_rng([seed, shot] if shot else seed).normal(0, NOISE_SIGMA, (h, w, 3))
-    noise = noise.astype(np.float32)
+    noise = np.random.default_rng([SEED, shot] if shot else SEED).normal(0, NOISE_SIGMA, (h, w, 3)).astype(np.float32)
     for i in range(per_class):
         for label in range(classes):
-            rng = image_rng(seed, "val", label, i)
+            rng = image_rng(SEED, "val", label, i)
             square = Image.fromarray(render(CLASSES[label], render_size, rng)).resize((h, h), Image.Resampling.BICUBIC)
             pad = (w - h) // 2
             pixels = np.pad(np.asarray(square, dtype=np.float32), ((0, 0), (pad, w - h - pad), (0, 0)), "reflect")

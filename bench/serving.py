@@ -40,13 +40,13 @@ def wire_bytes(requests: Load) -> dict[str, int]:
         result = requests.send(client, 0)
         response = result.get_response()
         if requests.protocol == "http":
-            body, _ = client.generate_request_body(requests.inputs(0), requests.outputs())
+            body, _ = client.generate_request_body(requests.inputs(0), requests.outputs)
             binary = sum(result.as_numpy(o["name"]).nbytes for o in response["outputs"])
             return {"request": len(body), "response": len(json.dumps(response)) + binary}
         from tritonclient.grpc._utils import _get_inference_request
 
         request = _get_inference_request(
-            requests.model, requests.inputs(0), "", "", requests.outputs(), 0, False, False, 0, None, None
+            requests.model, requests.inputs(0), "", "", requests.outputs, 0, False, False, 0, None, None
         )
         return {"request": request.ByteSize(), "response": response.ByteSize()}
     finally:
