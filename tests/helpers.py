@@ -41,6 +41,14 @@ TINY_CLASSES = ["stripes", "checks", "blobs", "noise"]
 TINY_PREPROCESSING = {"resize": 73, "crop": 64}
 
 
+def served_batch() -> int:
+    """The largest batch a launcher-served model takes on this machine: the export's, or on a CPU the cap."""
+    from export.triton_config import CPU_MAX_BATCH_SIZE, MAX_BATCH_SIZE
+    from serve.server import gpu_present
+
+    return MAX_BATCH_SIZE if gpu_present() else CPU_MAX_BATCH_SIZE
+
+
 def read_reference(arch: str) -> list[tuple[str, tuple[int, ...]]]:
     """(key, shape) of a released model, from the listing shipped in tests/reference."""
     rows = (REFERENCE / f"{arch}_state_dict.tsv").read_text().splitlines()[1:]

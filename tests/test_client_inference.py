@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime as ort
 import pytest
-from helpers import ROOT, TINY_CLASSES, TINY_PREPROCESSING
+from helpers import ROOT, TINY_CLASSES, TINY_PREPROCESSING, served_batch
 from PIL import Image
 
 from client.inference import (
@@ -23,8 +23,7 @@ from client.inference import (
     TritonClassifier,
     parse_classes,
 )
-from export.triton_config import CPU_MAX_BATCH_SIZE, MAX_BATCH_SIZE
-from serve.server import free_port, gpu_present
+from serve.server import free_port
 from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
 PP = Preprocessing(**TINY_PREPROCESSING)
@@ -78,15 +77,14 @@ def test_a_locked_server_is_described_from_its_metadata_alone(classifier):
 def test_with_the_operators_key_the_config_adds_the_preprocessing_and_batch_size(triton, protocol):
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     info = TritonClassifier(url, protocol, control_key=triton.lock.control_key).describe()
-    batch = MAX_BATCH_SIZE if gpu_present() else CPU_MAX_BATCH_SIZE  # as served on this machine
-    assert (info.arch, info.num_classes, info.max_batch_size) == ("resnet18_3g", 4, batch)
+    assert (info.arch, info.num_classes, info.max_batch_size) == ("resnet18_3g", 4, served_batch())
     assert info.preprocessing == PP
 
 
 def test_a_batch_larger_than_the_server_takes_is_sent_in_parts(classifier, reference):
     """A locked config hides the limit (a CPU server's is smaller than the export's): the refusal names it."""
     assert classifier.describe().max_batch_size == 0  # no key: the limit comes from the refusal
-    limit = MAX_BATCH_SIZE if gpu_present() else CPU_MAX_BATCH_SIZE
+    limit = served_batch()
     images = [encoded(seed) for seed in range(2 * limit + 1)]
     expected, _ = reference(images)
     for answers in (

@@ -20,14 +20,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import ClientThreads, Looping, make_certificates
+from helpers import ClientThreads, Looping, make_certificates, served_batch
 from photos import photos
 
 from client.inference import ClientError, Tls, TritonClassifier
 from deploy.local_fleet import CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS, Fleet, FleetTls
-from export.triton_config import CPU_MAX_BATCH_SIZE, MAX_BATCH_SIZE
 from serve.endpoints import UPSTREAM_BUDGET_S, UPSTREAM_TIMEOUT_S
-from serve.server import gpu_present
 
 pytestmark = pytest.mark.slow
 
@@ -233,7 +231,7 @@ def test_a_slow_but_healthy_request_is_answered_once(fleet, ca):
     bytes ensemble takes up to ~2 s at full load: under the server timeout, so HAProxy neither cuts nor
     retries it (and at 2-4 MB it would not fit its buffer to be retried)."""
     camera = next(p for p in photos() if p.name == "camera_jpeg").data
-    batch = np.array([[camera]] * min(8, MAX_BATCH_SIZE if gpu_present() else CPU_MAX_BATCH_SIZE), dtype=object)
+    batch = np.array([[camera]] * min(8, served_batch()), dtype=object)
     retried, redispatched = counters(fleet, "wretr"), counters(fleet, "wredis")
     answered_before = successes(fleet, "threegnet_image")
     took = []

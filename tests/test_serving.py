@@ -18,17 +18,17 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import ROOT, TINY_CLASSES, png
+from helpers import ROOT, TINY_CLASSES, png, served_batch
 from photos import photos
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from export.triton_config import CPU_MAX_BATCH_SIZE, MAX_BATCH_SIZE, parse_pbtxt
-from serve.server import ServerError, TritonServer, free_port, gpu_present
+from export.triton_config import MAX_BATCH_SIZE, parse_pbtxt
+from serve.server import ServerError, TritonServer, free_port
 from threegnet_preprocessing import Preprocessing, load_and_preprocess
 
 PP = Preprocessing(resize=73, crop=64)
-SERVED_BATCH = MAX_BATCH_SIZE if gpu_present() else CPU_MAX_BATCH_SIZE  # the largest batch on this machine
+SERVED_BATCH = served_batch()
 
 
 @pytest.fixture(scope="module")
