@@ -49,21 +49,25 @@ def test_a_killed_backend_process_heals_itself_and_readiness_never_lies(own_repo
     blob = png(80, 80)
     with server_on(own_repository, supervisor_metrics_port=free_port()) as server:
         load = Load(server, lambda c: infer_bytes(c, blob))  # through the ensemble: needs both models
-        readiness: list[tuple[float, float, int, int, int]] = []  # (asked, answered, server, model, launcher)
+        # Each probe samples on its own thread, so that one held answer does not blind the others.
+        probes = {"server": (server.http_port, "/v2/health/ready"),
+                  "model": (server.http_port, "/v2/models/threegnet_image/ready"),
+                  "launcher": (server.supervisor_metrics_port, "/v2/health/ready")}  # fmt: skip
+        readiness: list[tuple[float, float, str, int]] = []  # (asked, answered, probe, status)
         sampling = threading.Event()
 
-        def sample() -> None:
+        def sample(probe: str) -> None:
+            port, path = probes[probe]
             while not sampling.is_set():
                 asked = time.monotonic()
-                statuses = (http_status(server, "/v2/health/ready"),
-                            http_status(server, "/v2/models/threegnet_image/ready"),
-                            http_status(server, "/v2/health/ready", server.supervisor_metrics_port))  # fmt: skip
-                readiness.append((asked, time.monotonic(), *statuses))
+                status = http_status(server, path, port)
+                readiness.append((asked, time.monotonic(), probe, status))
                 time.sleep(0.02)
 
-        sampler = threading.Thread(target=sample, daemon=True)
+        samplers = [threading.Thread(target=sample, args=(p,), daemon=True) for p in probes]
         load.start()
-        sampler.start()
+        for sampler in samplers:
+            sampler.start()
         wait_until(lambda: len(load.results) >= 5, 60, "the load is answered")
         victim = next(p for p in backend_processes(server.process.pid) if p.model == model)
         killed_at = time.monotonic()
@@ -75,8 +79,9 @@ def test_a_killed_backend_process_heals_itself_and_readiness_never_lies(own_repo
         time.sleep(0.5)
         load.stop()
         sampling.set()
-        sampler.join(timeout=10)
-        assert not sampler.is_alive()
+        for sampler in samplers:
+            sampler.join(timeout=10)
+            assert not sampler.is_alive()
         assert server.is_ready()
         [(healed_model, unloaded_at, serving_at)] = server.supervisor.outages
         # The heal is counted where Prometheus scrapes the launcher (serve/metrics.py).
@@ -98,9 +103,9 @@ def test_a_killed_backend_process_heals_itself_and_readiness_never_lies(own_repo
     during = [s for s in readiness if unloaded_at <= s[0] and s[1] < until]
     around = [(round(s[0] - killed_at, 3), round(s[1] - s[0], 3), *s[2:]) for s in readiness if s[1] > killed_at]
     assert during, ("no readiness answer between the unload and the reload", unloaded_at - killed_at, around[:40])
-    lies = [(round(serving_at - s[1], 3), s) for s in during if 200 in s[2:]]
+    lies = [(round(serving_at - s[1], 3), s) for s in during if s[3] == 200]
     assert not lies, lies[:5]
-    assert readiness[-1][2:] == (200, 200, 200)
+    assert {probe: status for _, _, probe, status in readiness} == dict.fromkeys(probes, 200)
     healed = next(r[0] for r in load.results if r[0] > killed_at and r[2] is None)
     print(f"detected after {unloaded_at - killed_at:.2f} s; serving again after {healed - killed_at:.2f} s "
           f"(reloaded after {serving_at - killed_at:.2f} s); {len(failed)} requests failed meanwhile")  # fmt: skip
