@@ -64,9 +64,6 @@ class Settings:
         return round(self.crop * 256 / 224)
 
 
-# -- the machine --------------------------------------------------------------------------------------
-
-
 def version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -89,21 +86,15 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": info.get("model name", platform.processor() or "unknown"),
         "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
-        "cores": len(os.sched_getaffinity(0)),
-        "logical_cpus": os.cpu_count(),
+        "cores": len(os.sched_getaffinity(0)), "logical_cpus": os.cpu_count(),
         "flags": [f for f in CPU_FLAGS if f in flags],
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "onnxruntime": ort.__version__,
-        "onnxruntime_providers": ort.get_available_providers(),
-        "numpy": np.__version__,
-        **{package: version(package) for package in ("onnx", "tritonclient", "nvidia-pytriton")},
+        "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),
+        "numpy": np.__version__, **{name: version(name) for name in ("onnx", "tritonclient", "nvidia-pytriton")},
         "load_average_at_start": load_average(),
-    }
+    }  # fmt: skip
 
 
 def machine_markdown(m: dict[str, Any]) -> str:
@@ -114,9 +105,6 @@ def machine_markdown(m: dict[str, Any]) -> str:
         f"{m['torch_cpu_capability']}), onnxruntime {m['onnxruntime']}, Python {m['python']}. "
         f"Load average at start {m['load_average_at_start']}."
     )
-
-
-# -- timing -------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -186,22 +174,6 @@ class Worker(ProcessPoolExecutor):
         return lambda: self.run(arg)[0]
 
 
-# -- models -------------------------------------------------------------------------------------------
-
-
-def ort_session(model: str | Path | bytes, profile_prefix: str | None = None):
-    """An onnxruntime CPU session on a model file (or its bytes) the way the server builds one."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    model = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
 def build_serving(settings: Settings):
     """The project's model in its serving wrapper (uint8 NHWC in), random weights and BatchNorm statistics
     at their defaults: speed does not depend on them."""
@@ -232,9 +204,6 @@ def fp32_onnx(settings: Settings, work: Path, onnx_path: Path | None = None) -> 
 
 def images(n: int, crop: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, crop, crop, 3), dtype=np.uint8)
-
-
-# -- output -------------------------------------------------------------------------------------------
 
 
 def md_table(headers: Sequence[str] | str, rows: Sequence[Sequence[Any]]) -> str:
@@ -311,9 +280,6 @@ def stage(what: str) -> Iterator[None]:
     log(f"   {what}: {time.perf_counter() - start:.0f} s (load {load_average()})")
 
 
-# -- engines, built inside a Worker ------------------------------------------------------------------
-
-
 _noise = functools.cache(images)  # one batch of each size per engine: made once, never written to
 
 
@@ -341,7 +307,9 @@ def eager_engine(settings: Settings, bf16: bool = False, state_dict_path: str | 
 
 def onnx_engine(path: str, crop: int) -> Callable[[Any], Any]:
     """onnxruntime on an exported model: ``fn(batch size)`` runs noise, ``fn(images)`` returns probabilities."""
-    sess = ort_session(path)
+    from export.verify import session
+
+    sess = session(path)
 
     def run(arg: int | np.ndarray) -> np.ndarray | None:
         (probabilities,) = sess.run(["probabilities"], {"image": _batch(arg, crop)})

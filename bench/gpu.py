@@ -53,20 +53,14 @@ def build(name: str) -> nn.Module:
 def gpu_info() -> dict[str, Any]:
     props = torch.cuda.get_device_properties(0)
     return {
-        "gpu": torch.cuda.get_device_name(0),
-        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-        "multiprocessors": props.multi_processor_count,
-        "compute_capability": f"{props.major}.{props.minor}",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(),
-        # What "fp32" means here: convolutions may use TF32 tensor cores, matrix products (the 3G head) do not.
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "torchvision": version("torchvision"),
+        "gpu": torch.cuda.get_device_name(0), "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "multiprocessors": props.multi_processor_count, "compute_capability": f"{props.major}.{props.minor}",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(), "torchvision": version("torchvision"),
         "onnxruntime": version("onnxruntime-gpu") or version("onnxruntime"),
-    }
+        # What "fp32" means here: convolutions may use TF32 tensor cores, matrix products (the 3G head) do not.
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }  # fmt: skip
 
 
 def timed_row(row: dict[str, Any], fn: Callable[[], object]) -> dict[str, Any]:
@@ -119,9 +113,6 @@ def torch_rows(
 
                 rows.append(timed_row({"engine": f"torch_{precision}", "model": name, "batch": batch}, run))
     return rows
-
-
-# -- optional engines: onnxruntime (CUDA, TensorRT) and Triton --------------------------------------------
 
 
 def gpu_providers(batches: tuple[int, ...], work: Path, notes: list[str]) -> dict[str, list[Any]]:
@@ -213,9 +204,7 @@ def triton_rows(onnx_path: Path, deadline: float, notes: list[str], work: Path) 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """3G img/s over ResNet-50 img/s per engine and batch, in the order they ran, next to the FLOP ratio."""
-    by = {
-        (r["engine"], r["model"], r["batch"]): r["images_per_s"] for r in rows if "images_per_s" in r and "batch" in r
-    }
+    by = {(r["engine"], r["model"], r["batch"]): r["images_per_s"] for r in rows if "ms" in r}  # timed, not Triton's
     return [
         {"engine": engine, "batch": batch, "resnet50_3g_images_per_s": ips,
          "resnet50_images_per_s": by[engine, "resnet50", batch],
@@ -276,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"ONNX export failed ({type(e).__name__}: {e}): onnxruntime skipped")
                 onnx_paths = {}
         rows += ort_rows(onnx_paths, chains, batches, deadline, notes)
-        why_not = triton_missing(chains, onnx_paths)
-        if why_not:
+        if why_not := triton_missing(chains, onnx_paths):
             notes.append(f"Triton skipped: {why_not}")
         else:
             try:

@@ -27,23 +27,17 @@ Reading = tuple[float, float, Counter | None]  # client CPU s, server CPU s, Tri
 
 def triton(onnx_path: Path, settings: Settings, repo: Path, overrides: dict[str, Any] | None = None) -> Any:
     """A Triton server (a context manager) on the repository ``export/to_onnx.py`` writes, ``overrides``
-    changing :class:`~export.triton_config.ModelSpec`'s serving fields or ``queue_delay_us`` (the batcher's)."""
+    changing :class:`~export.triton_config.ModelSpec`'s serving fields."""
     from export.repository import write_repository
-    from export.triton_config import ModelSpec, parse_pbtxt, to_pbtxt
+    from export.triton_config import ModelSpec
     from serve.server import TritonServer
     from threegnet_preprocessing import Preprocessing
 
-    overrides = dict(overrides or {})
-    delay_us = overrides.pop("queue_delay_us", None)
     pp = Preprocessing(resize=settings.resize, crop=settings.crop).to_dict()
     parameters = {"arch": settings.arch, "num_classes": settings.num_classes, "preprocessing": pp}
-    spec = ModelSpec(MODEL, settings.num_classes, settings.crop, (settings.crop // 16,) * 2, parameters, **overrides)
+    weight_map = (settings.crop // 16,) * 2
+    spec = ModelSpec(MODEL, settings.num_classes, settings.crop, weight_map, parameters, **(overrides or {}))
     write_repository(repo, spec, onnx_path, [f"class_{i}" for i in range(settings.num_classes)], pp, 1)
-    if delay_us is not None:
-        config = repo / MODEL / "config.pbtxt"
-        parsed = parse_pbtxt(config.read_text())
-        parsed.dynamic_batching.max_queue_delay_microseconds = int(delay_us)
-        config.write_text(to_pbtxt(parsed))
     return TritonServer.on_free_ports(repo, exit_timeout=3, poll_secs=0)  # the repository does not change
 
 
@@ -207,31 +201,23 @@ def summarize(
     errors = [(latency, error) for latency, error in outcomes if error is not None]
     refused = [latency for latency, error in errors if any(m in error for m in OVERLOAD_MESSAGES)]
     out: dict[str, Any] = {
-        "sent": len(outcomes),
-        "answered": len(answered),
-        "refused": len(refused),
-        "failed": len(errors) - len(refused),
-        "failures": [error for _, error in errors][:3],  # the first few messages, refusals included
-        "seconds": seconds,
-        "requests": len(answered),  # answered in the window, the figure throughput is made of
-        "images_per_s": len(answered) / seconds,
+        "sent": len(outcomes), "answered": len(answered), "refused": len(refused),
+        "failed": len(errors) - len(refused), "failures": [error for _, error in errors][:3],  # refusals included
+        "seconds": seconds, "requests": len(answered), "images_per_s": len(answered) / seconds,  # answered in it
         **{key: 1e3 * float(np.percentile(answered, q)) if answered else None for key, q in PERCENTILES.items()},
         "refusal_max_ms": 1e3 * max(refused) if refused else None,
-        "client_cpu_s": client_cpu_s,
-        "server_cpu_s": server_cpu_s,  # the Triton process tree's; None where not measured
+        "client_cpu_s": client_cpu_s, "server_cpu_s": server_cpu_s,  # the Triton process tree's; None: not measured
         "outcomes": list(outcomes),
-    }
+    }  # fmt: skip
     if server_counts is not None:  # what Triton saw: time per request, the batch sizes it ran
         requests, executions = server_counts.get("requests", 0), server_counts.get("executions", 0)
         out["server"] = {
-            "counts": server_counts,
-            "requests": requests,
-            "executions": executions,
+            "counts": server_counts, "requests": requests, "executions": executions,
             "mean_batch": server_counts.get("inferences", 0) / executions if executions else float("nan"),
             "queue_ms_per_request": server_counts.get("queue_ns", 0) / 1e6 / requests if requests else None,
             "compute_ms_per_request": server_counts.get("compute_ns", 0) / 1e6 / requests if requests else None,
             "batch_sizes": {int(k[6:]): v for k, v in sorted(server_counts.items()) if k.startswith("batch_") and v},
-        }
+        }  # fmt: skip
     return out
 
 
@@ -252,11 +238,9 @@ def brief(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "outcomes"}
 
 
-# -- the server's processes (Triton and its python backend stubs share a process group) -------------
-
-
 def server_processes(pid: int) -> Iterator[list[str]]:
-    """The /proc stat fields (after the name) of every live process in the server's process group."""
+    """The /proc stat fields (after the name) of every live process in the server's process group: Triton and its
+    python backend stubs."""
     for folder in Path("/proc").iterdir():
         try:
             fields = (folder / "stat").read_text().rsplit(")", 1)[1].split() if folder.name.isdigit() else []

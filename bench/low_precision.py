@@ -1,16 +1,9 @@
 """Low precision on the CPU: INT8 (onnxruntime, the export's ``--precision int8``) and bf16 (PyTorch autocast)
 against fp32: throughput and top-1 agreement on held-out built-in images, and the INT8 targets of
-docs/performance.md section 3 against them.
-
-Agreement only means something on a model whose logits do (a random model's probabilities are near-uniform, and
-any perturbation reorders them), so the model here is trained, cheaply: ResNet50-3G with 1000 classes (the
-shipped shape: the fc's weights are part of the cost), random backbone weights, each residual branch's last
-BatchNorm scale at 0.2 (SkipInit-style: at 1, sixteen random branches bury the texture signal and a head trained
-on them stays at chance) and the backbone's BatchNorm statistics re-estimated on training images (at their
-defaults the activations drift far from unit scale, which no real checkpoint has and which would skew INT8
-calibration); then the head and fc trained on the backbone's cached features of the built-in textures, exported
-as ``export/to_onnx.py`` does, INT8 calibrated on training images, agreement measured on held-out images. Where
-the INT8 flips come from (one module at a time, other bit widths): ``python -m bench.studies.int8``.
+docs/performance.md section 3 against them. Agreement only means something on a model whose logits do (a random
+model's probabilities are near-uniform, and any perturbation reorders them), so the model is trained, cheaply
+(:func:`train_head`). Where the INT8 flips come from (one module at a time, other bit widths):
+``python -m bench.studies.int8``.
 """
 
 from __future__ import annotations
@@ -53,9 +46,13 @@ def built_in_data(settings: Settings, split: str, per_class: int) -> tuple[np.nd
 
 
 def train_head(settings: Settings, x: np.ndarray, y: np.ndarray, epochs: int) -> tuple[Any, dict[str, Any]]:
-    """The serving model trained as the module docstring says (eval mode), and a log. On one thread: PyTorch's
-    OpenMP team loses whole time slices at its barriers when other processes share the cores, and this is
-    preparation, not a measurement."""
+    """ResNet50-3G with 1000 classes (the fc's weights are part of the cost) and random backbone weights, each
+    residual branch's last BatchNorm scale at 0.2 (SkipInit-style: at 1, sixteen random branches bury the texture
+    signal and a head trained on them stays at chance) and the backbone's BatchNorm statistics re-estimated on
+    training images (at their defaults activations drift far from unit scale, which no real checkpoint has and
+    which would skew INT8 calibration); then the head and fc trained on the backbone's cached features. Returns
+    the serving model (eval mode) and a log. On one thread: PyTorch's OpenMP team loses whole time slices at its
+    barriers when other processes share the cores, and this is preparation, not a measurement."""
     import torch
     from torch import nn
     from torch.optim.swa_utils import update_bn
@@ -158,11 +155,8 @@ def run(settings: Settings, work: Path, keep: dict[str, Any] | None = None) -> t
         with stage(f"throughput at batch {batch}: {len(workers)} engines, {settings.rounds} alternating rounds"):
             series = alternate({name: w.bind(batch) for name, w in workers.items()}, settings.rounds)
         with stage(f"predictions on {len(val_x)} held-out images"):  # eager fp32's are onnxruntime fp32's
-            probs = {
-                name: np.concatenate([w.run(val_x[i : i + CHUNK])[1] for i in range(0, len(val_x), CHUNK)])
-                for name, w in workers.items()
-                if name != "eager_fp32"
-            }
+            probs = {name: np.concatenate([w.run(val_x[i : i + CHUNK])[1] for i in range(0, len(val_x), CHUNK)])
+                     for name, w in workers.items() if name != "eager_fp32"}  # fmt: skip
     fp32_probs = probs["onnxruntime_fp32"]
     rows, table = [], []
     for name in engines:

@@ -22,7 +22,6 @@ from bench.common import (
     log,
     md_table,
     onnx_engine,
-    ort_session,
     run_part,
     stage,
 )
@@ -32,13 +31,15 @@ def sgemm_onnx_engine(n: int) -> Callable[[Any], object]:
     """An ``n x n`` fp32 matrix multiply through onnxruntime (MLAS), all threads: a one-node ONNX graph."""
     from onnx import TensorProto, helper
 
+    from export.verify import session
+
     a, b, c = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC")
     graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "sgemm", [a, b], [c])
     # IR version 9: what onnxruntime 1.31 reads (onnx 1.23 would write 14 by default).
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     rng = np.random.default_rng(0)
     feeds = {name: rng.standard_normal((n, n), dtype=np.float32) for name in "AB"}
-    sess = ort_session(model.SerializeToString())
+    sess = session(model.SerializeToString())
     return lambda _: sess.run(None, feeds)
 
 

@@ -77,6 +77,7 @@ class ModelSpec:
     allow_spinning: bool = ALLOW_SPINNING
     queue_timeout_ms: int = QUEUE_TIMEOUT_MS  # 0: no admission control
     max_queue_size: int = MAX_QUEUE_SIZE
+    queue_delay_us: int = QUEUE_DELAY_US  # the batcher's wait for a fuller batch
     version_policy: str = VERSION_POLICY
     preprocess_instances: int = PREPROCESS_INSTANCES
 
@@ -151,7 +152,7 @@ def describe_version_policy(policy: mc.ModelVersionPolicy) -> str:
 def dynamic_batching(spec: ModelSpec) -> mc.ModelDynamicBatching:
     """The batcher with its admission control: requests that waited ``queue_timeout_ms`` in the
     queue, or that find ``max_queue_size`` requests ahead of them, are refused (UNAVAILABLE)."""
-    batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=QUEUE_DELAY_US)
+    batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=spec.queue_delay_us)
     if spec.queue_timeout_ms > 0 or spec.max_queue_size > 0:
         policy = batching.default_queue_policy
         policy.max_queue_size = spec.max_queue_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -52,10 +53,15 @@ class VerificationReport:
         )
 
 
-def session(path: str | Path, providers: list[str] | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+def session(model: str | Path | bytes, providers: list[Any] | None = None, **options: Any) -> ort.InferenceSession:
+    """An onnxruntime session on a model file (or its bytes) the way the server builds one; ``options`` set
+    ``SessionOptions`` attributes (e.g. ``enable_profiling``)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    for name, value in options.items():
+        setattr(opts, name, value)
+    model = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(model, opts, providers=providers or ["CPUExecutionProvider"])
 
 
 def compare(

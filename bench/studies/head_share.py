@@ -32,7 +32,6 @@ from bench.common import (
     export,
     images,
     md_table,
-    ort_session,
     run_part,
     stage,
 )
@@ -112,8 +111,10 @@ def profiled_part(name: str, parts: dict[str, str]) -> str:
 
 def ort_profile(path: Path, batch: int, crop: int, runs: int, work: Path) -> dict[str, float]:
     """Mean kernel milliseconds per part for one ``run`` at ``batch``."""
+    from export.verify import session
+
     parts = node_parts(onnx.load(str(path), load_external_data=False))
-    sess = ort_session(path, profile_prefix=str(work / f"profile_b{batch}"))
+    sess = session(path, enable_profiling=True, profile_file_prefix=str(work / f"profile_b{batch}"))
     x = images(batch, crop)
     sess.run(None, {"image": x})  # warm-up (also profiled; dropped below)
     for _ in range(runs):
