@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
-from export.serving_model import ServingModel
+if TYPE_CHECKING:  # torch is imported only to run the PyTorch reference: session() stays light for workers
+    from export.serving_model import ServingModel
 
 
 class VerificationError(RuntimeError):
@@ -74,7 +74,7 @@ def compare(
     ``batch_sizes`` at a time, and report the differences. The reference is the
     PyTorch serving model or another ONNX file (for fp16/int8 vs fp32)."""
     sess = session(onnx_path)
-    ref_sess = None if isinstance(reference, ServingModel) else session(reference)
+    ref_sess = session(reference) if isinstance(reference, str | Path) else None
     report = VerificationReport()
     start = 0
     for batch in batch_sizes:
@@ -86,6 +86,8 @@ def compare(
         if ref_sess is not None:
             ref_probs, ref_logits = ref_sess.run(["probabilities", "logits"], {"image": x})
         else:
+            import torch
+
             with torch.no_grad():
                 ref_probs, ref_logits = (t.float().numpy() for t in reference(torch.from_numpy(x))[:2])
         report.batches.append(
