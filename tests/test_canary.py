@@ -50,7 +50,7 @@ def add_good_version(repo: Path) -> int:
 
 def add_failing_version(repo: Path) -> int:
     """The next version: the model with a fault that zeros never reach (the export's check, the launcher's
-    smoke inference and Triton's warmup all send zeros): for an image whose mean pixel value is above 127.5
+    smoke inference and Triton's warmup all send zeros): for a batch whose mean pixel value is above 127.5
     it gathers an element out of range, and onnxruntime fails the whole batch. Sealed by serve/versions.py,
     which checks it as the launcher does."""
     import onnx
@@ -94,9 +94,11 @@ def stable_version(repo: Path) -> int:
 
 # -- load ------------------------------------------------------------------------------------------------
 def images() -> list[np.ndarray]:
-    """Dark images (mean ~100) and bright ones (mean ~155), alternating: the failing version fails the bright."""
+    """Dark images (mean ~50) and bright ones (mean ~155), alternating. The failing version fails a batch whose
+    mean is above 127.5: a bright image alone or batched with bright ones; a dark one is answered even when Triton
+    batches it with a bright one, so the bad version is seen answering as well as failing."""
     rng = np.random.default_rng(7)
-    dark = [rng.integers(0, 201, (1, CROP, CROP, 3), dtype=np.uint8) for _ in range(4)]
+    dark = [rng.integers(0, 101, (1, CROP, CROP, 3), dtype=np.uint8) for _ in range(4)]
     bright = [rng.integers(55, 256, (1, CROP, CROP, 3), dtype=np.uint8) for _ in range(4)]
     return [x for pair in zip(dark, bright, strict=True) for x in pair]
 
